@@ -1,0 +1,5 @@
+import sys
+
+from abdist.cli import main
+
+sys.exit(main())

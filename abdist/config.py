@@ -1,0 +1,303 @@
+"""Typed run configuration: dataclass sections, YAML files, `section.key=value` overrides.
+
+Every key is declared once, here, with its type and (where it matters) its allowed values or range.
+Anything else a user writes -- an unknown key, a wrong type, an out-of-range value -- becomes a
+`UserError` naming the key and, for unknown keys, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from abdist.errors import UserError
+
+
+def _opt(default, *, choices=None, lo=None, hi=None, lo_open=False, help=""):
+    """A field with validation metadata (`choices`, inclusive `lo`/`hi`, `lo_open` for lo < x)."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("digits", choices=("digits",), help="where the data comes from")
+    profile: str = _opt("exp", choices=("exp", "step"), help="long-tail profile")
+    imbalance_ratio: float = _opt(10.0, lo=1.0, help="rho = n_max / n_min")
+    minority_fraction: float = _opt(0.5, lo=0.0, hi=1.0, help="step profile: minority share")
+    val: float = _opt(0.2, lo=0.0, lo_open=True, help="val fraction (<1) or count per class")
+    test_per_class: int = _opt(50, lo=1, help="balanced test samples per class (digits)")
+    seed: int = _opt(0, lo=0, help="seed of the subsample and split")
+    augment_pad: int = _opt(1, lo=0, help="random-shift augmentation in pixels (0 = off)")
+    augment_flip: bool = _opt(False, help="random horizontal flip")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("small_cnn", help="small_cnn, resnet8/20/32/44/56, or tv:<torchvision name>")
+    head: str = _opt("linear", choices=("linear", "cosine"))
+
+
+@dataclass
+class LossConfig:
+    name: str = _opt(
+        "ce",
+        choices=("ce", "la", "balanced_softmax", "ldam", "ldam_drw", "cdt", "vs", "focal"),
+    )
+    tau: float = _opt(1.0, help="logit-adjustment strength (la, vs)")
+    gamma: float = _opt(0.0, lo=0.0, help="cdt/vs exponent, focal gamma")
+    ldam_max_margin: float = _opt(0.5, lo=0.0)
+    ldam_scale: float = _opt(30.0, lo=0.0, lo_open=True)
+    drw_epoch: int = _opt(160, lo=0, help="ldam_drw: epoch at which re-weighting starts")
+    drw_beta: float = _opt(0.9999, lo=0.0, hi=1.0)
+
+
+@dataclass
+class MethodConfig:
+    name: str = _opt("erm", choices=("erm",), help="training method")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _opt("sgd", choices=("sgd", "adamw"))
+    lr: float = _opt(0.1, lo=0.0, lo_open=True)
+    momentum: float = _opt(0.9, lo=0.0, hi=1.0)
+    nesterov: bool = _opt(False)
+    weight_decay: float = _opt(5e-4, lo=0.0)
+    schedule: str = _opt("cosine", choices=("cosine", "step", "constant"))
+    warmup_epochs: float = _opt(0.0, lo=0.0)
+    milestones: list = _opt([], help="step schedule: epochs at which lr *= gamma")
+    gamma: float = _opt(0.1, lo=0.0, lo_open=True, help="step schedule decay factor")
+
+
+@dataclass
+class TrainConfig:
+    name: str = _opt("run", help="run name; the default output dir is runs/<name>")
+    epochs: int = _opt(30, lo=1)
+    batch_size: int = _opt(64, lo=1)
+    eval_batch_size: int = _opt(512, lo=1)
+    grad_accum: int = _opt(1, lo=1, help="micro-batches per optimiser step")
+    precision: str = _opt("fp32", choices=("fp32", "bf16"))
+    seed: int = _opt(0, lo=0)
+    deterministic: bool = _opt(True, help="torch deterministic algorithms")
+    threads: int = _opt(0, lo=0, help="torch CPU threads (0 = torch default)")
+    select: str = _opt("last", choices=("last", "best_val"), help="which weights to test")
+    keep_checkpoints: int = _opt(2, lo=1)
+    many_shot_min: int = _opt(100, lo=0, help="many-shot: train count > this")
+    few_shot_max: int = _opt(20, lo=0, help="few-shot: train count < this")
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class DistConfig:
+    backend: str = _opt("none", choices=("none",))
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = _opt("jsonl", choices=("jsonl", "none"))
+    progress: str = _opt("auto", choices=("auto", "always", "never"), help="progress bars")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. 'optim.lr'."""
+    cfg = Config()
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _field_type(section_obj, name: str):
+    hints = typing.get_type_hints(type(section_obj))
+    return hints[name]
+
+
+def _coerce(key: str, value: Any, typ, where: str) -> Any:
+    """Check `value` against the declared type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(typ)
+    if origin in (list,) or typ is list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            value = [value]
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0], where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(
+        f"{where}: '{key}' must be {typ.__name__}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _check_range(key: str, value: Any, meta: dict, where: str) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if choices is not None and value not in choices:
+        hint = _suggest(str(value), list(choices))
+        raise UserError(
+            f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}{hint}"
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+            op = ">" if meta.get("lo_open") else ">="
+            raise UserError(f"{where}: '{key}' must be {op} {lo}; got {value}")
+        if hi is not None and value > hi:
+            raise UserError(f"{where}: '{key}' must be <= {hi}; got {value}")
+
+
+def set_key(cfg: Config, dotted: str, value: Any, where: str = "override") -> None:
+    """Set `section.key` on cfg after validating it (unknown key -> closest-key suggestion)."""
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise UserError(
+            f"{where}: unknown config key '{dotted}'{_suggest(dotted, all_keys())}; "
+            "keys look like section.key (see `abdist config`)"
+        )
+    section, name = parts
+    section_obj = getattr(cfg, section)
+    names = {f.name: f for f in dataclasses.fields(section_obj)}
+    if name not in names:
+        raise UserError(f"{where}: unknown config key '{dotted}'{_suggest(dotted, all_keys())}")
+    value = _coerce(dotted, value, _field_type(section_obj, name), where)
+    _check_range(dotted, value, dict(names[name].metadata), where)
+    setattr(section_obj, name, value)
+
+
+def _apply_mapping(cfg: Config, data: Any, where: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise UserError(
+                f"{where}: unknown config section '{section}'"
+                f"{_suggest(str(section), list(SECTIONS))}; sections: {', '.join(SECTIONS)}"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: section '{section}' must be a mapping of key: value")
+        for key, value in values.items():
+            set_key(cfg, f"{section}.{key}", value, where)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=0.1' -> ('optim.lr', 0.1); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
+    """Apply a YAML file; a top-level `base: other.yaml` (relative to it) is applied first."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise UserError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line} is not valid YAML ({exc.__class__.__name__})") from None
+    if isinstance(data, dict) and "base" in data:
+        data = dict(data)
+        _apply_file(cfg, path.parent / str(data.pop("base")), (*seen, path.resolve()))
+    _apply_mapping(cfg, data, str(path))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (after its `base` chain) <- overrides, every step validated."""
+    cfg = Config()
+    if path is not None:
+        _apply_file(cfg, Path(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict, where: str = "config") -> Config:
+    cfg = Config()
+    _apply_mapping(cfg, data, where)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single key cannot express."""
+    if cfg.data.val >= 1 and cfg.data.val != int(cfg.data.val):
+        raise UserError(
+            f"'data.val' is a fraction (<1) or a whole count per class; got {cfg.data.val}"
+        )
+    if cfg.train.few_shot_max > cfg.train.many_shot_min:
+        raise UserError(
+            "'train.few_shot_max' must not exceed 'train.many_shot_min' "
+            f"({cfg.train.few_shot_max} > {cfg.train.many_shot_min})"
+        )
+    for m in cfg.optim.milestones:
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0:
+            raise UserError(f"'optim.milestones' must be a list of epochs >= 0; got {m!r}")
+    if cfg.optim.warmup_epochs > cfg.train.epochs:
+        raise UserError(
+            f"'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds "
+            f"'train.epochs' ({cfg.train.epochs})"
+        )

@@ -1,0 +1,31 @@
+"""Data entry point: turn the `data` config section into a DataBundle the trainer consumes."""
+
+from __future__ import annotations
+
+from abdist.errors import UserError
+
+
+def build_data(cfg):
+    """Build train/val/test splits for `cfg` (a DataConfig). Only in-memory digits for now."""
+    if cfg.source == "digits":
+        from abdist.data.digits import load_digits_lt
+
+        val = cfg.val if cfg.val < 1 else int(cfg.val)
+        return load_digits_lt(
+            profile=cfg.profile,
+            imbalance_ratio=cfg.imbalance_ratio,
+            minority_fraction=cfg.minority_fraction,
+            test_per_class=cfg.test_per_class,
+            val=val,
+            seed=cfg.seed,
+        )
+    raise UserError(f"data.source '{cfg.source}' is not supported")
+
+
+def build_augment(cfg):
+    """The training-time augmentation for in-memory tensors, or None."""
+    from abdist.data.memory import random_shift
+
+    if cfg.augment_pad == 0 and not cfg.augment_flip:
+        return None
+    return random_shift(cfg.augment_pad, flip=cfg.augment_flip)

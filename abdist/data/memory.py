@@ -1,0 +1,152 @@
+"""In-memory datasets: the small batch interface the trainer consumes.
+
+A split that fits in (CPU or GPU) memory is served by slicing tensors directly, which is both the
+fastest path for small benchmarks (digits, CIFAR) and the reference the sharded loader must match:
+``__len__``, ``num_batches`` and ``batches`` are the whole surface.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from abdist.errors import UserError
+
+# augment(x, generator) -> x: a batch-level transform drawing its randomness from `generator`.
+Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
+
+
+@dataclass
+class TensorSplit:
+    """One split held in memory.
+
+    ``images`` is ``[N, C, H, W]`` float32, already normalised; ``labels`` is ``[N]`` int64;
+    ``groups`` is an optional ``[N]`` int64 group attribute (for fairness objectives).
+    """
+
+    images: Tensor
+    labels: Tensor
+    groups: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise UserError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
+        n = self.images.shape[0]
+        if self.labels.shape != (n,):
+            raise UserError(
+                f"labels must be [N] with N={n} to match images, got {tuple(self.labels.shape)}"
+            )
+        if self.groups is not None and self.groups.shape != (n,):
+            raise UserError(
+                f"groups must be [N] with N={n} to match images, got {tuple(self.groups.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """Number of batches one epoch of :meth:`batches` yields."""
+        _check_batch_size(batch_size)
+        n = len(self)
+        return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        augment: Augment | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` batches covering the split once.
+
+        The order (and the augmentation randomness, via ``augment(x, generator)``) comes only from
+        ``generator``, so the same generator state reproduces the same batches; with
+        ``generator=None`` torch's global RNG is used. Without ``drop_last`` the last batch may be
+        smaller and every sample appears exactly once.
+        """
+        n_batches = self.num_batches(batch_size, drop_last)
+        n = len(self)
+        if shuffle:
+            # randperm on the generator's own device keeps CPU and CUDA generators both usable.
+            device = generator.device if generator is not None else torch.device("cpu")
+            order = torch.randperm(n, generator=generator, device=device).to(self.images.device)
+        else:
+            order = None
+        for b in range(n_batches):
+            start, stop = b * batch_size, min((b + 1) * batch_size, n)
+            if order is None:
+                x, y = self.images[start:stop], self.labels[start:stop]
+            else:
+                idx = order[start:stop]
+                x, y = self.images[idx], self.labels[idx]
+            if augment is not None:
+                x = augment(x, generator)
+            yield x, y
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+@dataclass
+class DataBundle:
+    """Train/val/test splits plus the metadata a model and the trainer need."""
+
+    train: TensorSplit
+    val: TensorSplit
+    test: TensorSplit
+    class_names: list[str]
+    in_channels: int
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of ``class_names``)."""
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training samples per class, including zeros for classes absent from train."""
+        counts = torch.bincount(self.train.labels.cpu(), minlength=self.num_classes)
+        return [int(c) for c in counts]
+
+
+def random_shift(pad: int, flip: bool = False) -> Augment:
+    """Augment that translates each sample by up to ``±pad`` pixels, optionally h-flipping it.
+
+    Implemented as zero-pad + per-sample random crop (as in the standard CIFAR pipeline). Because
+    images are already normalised, the padding value 0 is the dataset mean rather than black.
+    With ``flip=True`` each sample is mirrored horizontally with probability 1/2. All draws come
+    from the generator passed to the returned callable; the work is vectorised over the batch.
+    """
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise UserError(f"pad must be a non-negative integer, got {pad!r}")
+
+    def augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if pad == 0 and not flip:
+            return x
+        b, _, h, w = x.shape
+        device = generator.device if generator is not None else torch.device("cpu")
+        if pad > 0:
+            dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
+            dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
+            padded = F.pad(x, (pad, pad, pad, pad))
+            rows = (dy.to(x.device)[:, None] + torch.arange(h, device=x.device))[:, :, None]
+            cols = (dx.to(x.device)[:, None] + torch.arange(w, device=x.device))[:, None, :]
+            batch = torch.arange(b, device=x.device)[:, None, None]
+            # Advanced indices split by a slice put the indexed dims first: [B, H, W, C].
+            x = padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+        if flip:
+            mirror = torch.rand(b, generator=generator, device=device) < 0.5
+            x = torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
+        return x
+
+    return augment

@@ -1,0 +1,303 @@
+"""The training loop: one function, read top to bottom.
+
+    setup (seed, data, model, method, optimiser) -> resume from the latest checkpoint if any ->
+    for each epoch: train on shuffled batches, evaluate on validation, log, checkpoint ->
+    evaluate the selected weights on test -> metrics.json + alpha.json
+
+Resume is exact because every source of randomness is either restored from the checkpoint (global
+RNGs, optimiser and schedule state) or derived from (seed, epoch) alone (batch order, augmentation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from abdist.config import Config, config_from_dict
+from abdist.data import build_augment, build_data
+from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
+from abdist.errors import UserError
+from abdist.io import write_json, write_text
+from abdist.losses import ParametricLoss, build_loss_spec
+from abdist.methods.erm import ERM
+from abdist.metrics import ConfusionAccumulator, class_metrics
+from abdist.models import create_model
+from abdist.tracking import JsonlLogger, progress
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf; the last good checkpoint is kept. Not a traceback: a clear line."""
+
+    exit_code = 3
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+
+
+def lr_factor(step: int, *, total_steps: int, steps_per_epoch: int, optim_cfg) -> float:
+    """Multiplier of the base lr at optimiser step `step` (0-based): linear warm-up, then decay."""
+    warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if optim_cfg.schedule == "constant":
+        return 1.0
+    if optim_cfg.schedule == "step":
+        epoch = step / steps_per_epoch
+        return optim_cfg.gamma ** sum(epoch >= m for m in optim_cfg.milestones)
+    progress_ = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# --- setup helpers ------------------------------------------------------------------------------
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Batch order and augmentation depend on (seed, epoch) only: nothing to save for exact resume.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _check_resumable(run_dir: Path, cfg: Config) -> None:
+    """Refuse to resume a run directory that holds a run with a different config."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = config_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)).to_dict()
+    new = cfg.to_dict()
+    diffs = [
+        f"{s}.{k}: {saved[s][k]!r} -> {new[s][k]!r}"
+        for s in new
+        if s != "tracking"  # where output goes does not change the run
+        for k in new[s]
+        if saved[s].get(k) != new[s][k]
+    ]
+    if diffs:
+        raise UserError(
+            f"{run_dir} holds a run with a different config ({'; '.join(diffs[:3])}); "
+            "pass another --out, or delete that directory to start over"
+        )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, *, num_classes: int, batch_size: int, device, autocast):
+    """Confusion matrix of argmax(raw logits) over every sample of `split`, each counted once."""
+    model.eval()
+    acc = ConfusionAccumulator(num_classes)
+    for x, y in split.batches(batch_size, shuffle=False):
+        with autocast:
+            logits = model(x.to(device))
+        acc.update(logits.argmax(1).cpu(), y)
+    return acc.confusion
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; return the test metrics also written to disk."""
+    run_dir = Path(run_dir)
+    _check_resumable(run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+    torch.manual_seed(cfg.train.seed)
+    device = _device(cfg)
+    autocast = _autocast(cfg, device)
+
+    data = build_data(cfg.data)
+    augment = build_augment(cfg.data)
+    model = create_model(
+        cfg.model.name,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        head=cfg.model.head,
+    ).to(device)
+    lc = cfg.loss
+    spec = build_loss_spec(
+        lc.name,
+        data.class_counts,
+        tau=lc.tau,
+        gamma=lc.gamma,
+        ldam_max_margin=lc.ldam_max_margin,
+        ldam_scale=lc.ldam_scale,
+        drw_epoch=lc.drw_epoch,
+        drw_beta=lc.drw_beta,
+    )
+    method = ERM(ParametricLoss(spec).to(device))
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+
+    B, accum = cfg.train.batch_size, cfg.train.grad_accum
+    batches_per_epoch = data.train.num_batches(B, drop_last=True) or 1
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s, total_steps=total_steps, steps_per_epoch=steps_per_epoch, optim_cfg=cfg.optim
+        ),
+    )
+
+    ckpts = CheckpointDir(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    log = JsonlLogger(run_dir / "log.jsonl" if cfg.tracking.backend == "jsonl" else None)
+    start_epoch, best = 0, {"epoch": -1, "val_balanced_error": math.inf}
+    best_weights = None
+    state = ckpts.load_latest()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        best_weights = state.get("best_weights")
+        log.truncate_after(start_epoch)  # log epochs are 1-based: keep the finished ones
+        print(f"resuming {run_dir} from epoch {start_epoch}")
+    else:
+        log.truncate_after(0)
+
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        method.on_epoch_start(epoch)
+        gen = _epoch_generator(cfg.train.seed, epoch)
+        batches = data.train.batches(
+            B, shuffle=True, generator=gen, drop_last=True, augment=augment
+        )
+        total_loss, seen = 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        bar = progress(
+            batches,
+            total=batches_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            mode=cfg.tracking.progress,
+        )
+        for i, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                loss = method.training_loss(model, x, y)
+            if not torch.isfinite(loss):
+                last = ckpts.latest()
+                kept = f"last good checkpoint kept at {last}" if last else "no checkpoint yet"
+                raise TrainingDiverged(
+                    f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, "
+                    f"batch {i + 1}; "
+                    f"{kept}; lower optim.lr or use train.precision=fp32"
+                )
+            (loss / accum).backward()
+            total_loss += loss.item() * len(y)
+            seen += len(y)
+            if (i + 1) % accum == 0 or i + 1 == batches_per_epoch:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_step(step, model)
+                step += 1
+
+        val_conf = evaluate(
+            model,
+            data.val,
+            num_classes=data.num_classes,
+            batch_size=cfg.train.eval_batch_size,
+            device=device,
+            autocast=autocast,
+        )
+        val = class_metrics(val_conf)
+        if val["balanced_error"] < best["val_balanced_error"]:
+            best = {"epoch": epoch, "val_balanced_error": val["balanced_error"]}
+            if cfg.train.select == "best_val":
+                # Kept inside the checkpoint, so the best weights and the epoch they came from are
+                # always written together (a kill between two files could not desync them).
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        log.log(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": total_loss / max(1, seen),
+                "val_accuracy": val["accuracy"],
+                "val_balanced_error": val["balanced_error"],
+                "val_worst_class_recall": val["worst_class_recall"],
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        ckpts.save(
+            epoch,
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "method": method.state_dict(),
+                "rng": rng_state(),
+                "best": best,
+                "best_weights": best_weights,
+            },
+        )
+
+    if cfg.train.select == "best_val" and best_weights is not None:
+        model.load_state_dict(best_weights)
+    test_conf = evaluate(
+        model,
+        data.test,
+        num_classes=data.num_classes,
+        batch_size=cfg.train.eval_batch_size,
+        device=device,
+        autocast=autocast,
+    )
+    metrics = class_metrics(
+        test_conf,
+        class_counts=data.class_counts,
+        many_shot_min=cfg.train.many_shot_min,
+        few_shot_max=cfg.train.few_shot_max,
+    )
+    metrics.update(
+        name=cfg.train.name,
+        method=f"{method.name}/{cfg.loss.name}",
+        class_counts=list(data.class_counts),
+        class_names=list(data.class_names),
+        selected_epoch=(best["epoch"] if cfg.train.select == "best_val" else cfg.train.epochs - 1)
+        + 1,
+        confusion_matrix=test_conf.tolist(),
+    )
+    params = method.loss_params()
+    write_json(run_dir / "alpha.json", {"class_counts": list(data.class_counts), **params})
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,97 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from abdist.config import load_config
+from abdist.engine.trainer import TrainingDiverged, lr_factor, train
+from tests.conftest import FAST, REPO, run_cli
+
+
+def _optim(**kw):
+    base = dict(warmup_epochs=0.0, schedule="cosine", milestones=[], gamma=0.1)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_lr_factor_warmup_cosine_and_step():
+    o = _optim(warmup_epochs=1.0)
+    f = [lr_factor(s, total_steps=40, steps_per_epoch=10, optim_cfg=o) for s in range(40)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up
+    assert f[10] == pytest.approx(1.0)  # cosine starts at the top
+    assert f[25] == pytest.approx(0.5)  # half-way through the 30 post-warm-up steps
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    o = _optim(schedule="step", milestones=[2, 3], gamma=0.5)
+    f = [lr_factor(s, total_steps=40, steps_per_epoch=10, optim_cfg=o) for s in (0, 19, 20, 30)]
+    assert f == [1.0, 1.0, 0.5, 0.25]
+
+
+def _cfg(*overrides):
+    return load_config(REPO / "configs/digits_lt/ce.yaml", [*FAST, *overrides])
+
+
+def test_grad_accum_halves_optimizer_steps(tmp_path):
+    train(_cfg("train.batch_size=16"), tmp_path / "a")
+    train(_cfg("train.batch_size=16", "train.grad_accum=2"), tmp_path / "b")
+    steps = [
+        [json.loads(x)["step"] for x in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+        for d in "ab"
+    ]
+    assert steps[0][-1] in (2 * steps[1][-1], 2 * steps[1][-1] - 3)  # odd batch counts round up
+
+
+def test_best_val_selection_uses_the_best_validation_epoch(tmp_path):
+    m = train(_cfg("train.select=best_val", "train.epochs=4"), tmp_path)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    best = min(log, key=lambda r: r["val_balanced_error"])
+    assert m["selected_epoch"] == best["epoch"]
+
+
+def test_bf16_autocast_trains(tmp_path):
+    m = train(_cfg("train.precision=bf16"), tmp_path)
+    assert 0.0 <= m["balanced_error"] <= 1.0
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, ce_config):
+    # lr jumps to 1e30 after the first epoch: the second epoch diverges.
+    over = ["optim.schedule=step", "optim.milestones=[1]", "optim.gamma=1e30",
+            "optim.warmup_epochs=0"]  # fmt: skip
+    r = run_cli("train", ce_config, "--out", tmp_path, *FAST, *over)
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "non-finite training loss" in r.stderr and "epoch-000000.pt" in r.stderr
+    assert (tmp_path / "checkpoints" / "epoch-000000.pt").is_file()
+    assert not (tmp_path / "metrics.json").exists()
+    with pytest.raises(TrainingDiverged):
+        train(_cfg(*over), tmp_path / "again")
+
+
+def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_metrics(tmp_path, ce_config):
+    args = [*FAST, "train.epochs=12", "train.batch_size=8"]
+    ref = run_cli("train", ce_config, "--out", tmp_path / "ref", *args)
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "abdist", "train", str(ce_config), "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before a checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "killed too late: the run had already finished"
+
+    r = run_cli("train", ce_config, "--out", out, *args)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert (out / "metrics.json").read_text() == (tmp_path / "ref" / "metrics.json").read_text()
+    assert (out / "alpha.json").read_text() == (tmp_path / "ref" / "alpha.json").read_text()
+    log = [json.loads(x)["epoch"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 13))  # no duplicated or missing epochs after the resume
