@@ -38,12 +38,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from abdist.config import load_config
-    from abdist.engine.trainer import train
+    from abdist.engine.recipe import run
     from abdist.report import format_table
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.train.name
-    metrics = train(cfg, run_dir)
+    metrics = run(cfg, run_dir)
     print(format_table([metrics]))
     print(f"wrote {run_dir}/metrics.json")
     return 0

@@ -63,7 +63,30 @@ class LossConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _opt("erm", choices=("erm",), help="training method")
+    name: str = _opt("erm", choices=("erm", "autobalance"), help="training method")
+    # AutoBalance: the loss preset in `loss` is the initialisation (ce: neutral, la: l = tau*log pi,
+    # cdt: delta ~ (n/n_max)^gamma, vs: both); these keys say what is tuned and how.
+    tune: list = _opt(["l", "delta"], help="subset of w, l, delta, aug")
+    dictionary: str = _opt("per_class", choices=("per_class", "buckets", "interp"))
+    dictionary_size: int = _opt(0, lo=0, help="K for buckets/interp (0 = number of classes)")
+    hypergrad: str = _opt("cg", choices=("exact", "cg", "neumann"))
+    scope: str = _opt("head", choices=("head", "full"))
+    solver_iterations: int = _opt(20, lo=1)
+    damping: float = _opt(0.0, lo=0.0, help="extra lambda*I in the Hessian solve")
+    objective: str = _opt(
+        "balanced_ce", choices=("balanced_ce", "worst_class", "blend", "equal_opportunity_gap")
+    )
+    temperature: float = _opt(0.1, lo=0.0, lo_open=True, help="worst_class / EO soft-max T")
+    blend_beta: float = _opt(0.5, lo=0.0, hi=1.0, help="blend: weight of plain CE")
+    warmup_epochs: int = _opt(5, lo=0, help="epochs of plain training before hyper steps")
+    hyper_interval: int = _opt(20, lo=1, help="a hyper step every k optimiser steps")
+    hyper_batches: int = _opt(2, lo=1, help="train and val batches per hyper step")
+    upper_optim: str = _opt("adam", choices=("sgd", "adam"))
+    upper_lr: float = _opt(0.05, lo=0.0, lo_open=True)
+    upper_momentum: float = _opt(0.9, lo=0.0, hi=1.0)
+    clip: float = _opt(1.0, lo=0.0, help="max norm of the hypergradient (0 = off)")
+    aug_init: float = _opt(0.5, lo=0.0, hi=1.0, help="initial per-class augmentation prob.")
+    retrain: bool = _opt(True, help="after the search, retrain on train+val with the found loss")
 
 
 @dataclass
@@ -296,6 +319,16 @@ def validate(cfg: Config) -> None:
     for m in cfg.optim.milestones:
         if not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0:
             raise UserError(f"'optim.milestones' must be a list of epochs >= 0; got {m!r}")
+    bad = [t for t in cfg.method.tune if t not in ("w", "l", "delta", "aug")]
+    if bad or not cfg.method.tune:
+        raise UserError(
+            f"'method.tune' must be a non-empty subset of [w, l, delta, aug]; got {cfg.method.tune}"
+        )
+    if cfg.method.name == "autobalance" and cfg.method.warmup_epochs >= cfg.train.epochs:
+        raise UserError(
+            f"'method.warmup_epochs' ({cfg.method.warmup_epochs}) leaves no search epochs within "
+            f"'train.epochs' ({cfg.train.epochs})"
+        )
     if cfg.optim.warmup_epochs > cfg.train.epochs:
         raise UserError(
             f"'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds "

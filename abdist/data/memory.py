@@ -7,6 +7,7 @@ fastest path for small benchmarks (digits, CIFAR) and the reference the sharded 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from torch import Tensor
 
 from abdist.errors import UserError
 
-# augment(x, generator) -> x: a batch-level transform drawing its randomness from `generator`.
-Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
+# augment(x, generator, y) -> x: a batch-level transform drawing its randomness from `generator`;
+# y (the batch's labels) lets class-aware augmentation pick a per-class strength.
+Augment = Callable[[Tensor, "torch.Generator | None", "Tensor | None"], Tensor]
 
 
 @dataclass
@@ -87,7 +89,7 @@ class TensorSplit:
                 idx = order[start:stop]
                 x, y = self.images[idx], self.labels[idx]
             if augment is not None:
-                x = augment(x, generator)
+                x = augment(x, generator, y)
             yield x, y
 
 
@@ -118,6 +120,19 @@ class DataBundle:
         counts = torch.bincount(self.train.labels.cpu(), minlength=self.num_classes)
         return [int(c) for c in counts]
 
+    def with_val_merged(self) -> DataBundle:
+        """Train on train+val, with an empty validation split (a retrain phase's data)."""
+
+        def cat(a, b):
+            return None if a is None or b is None else torch.cat([a, b])
+
+        t, v = self.train, self.val
+        train = TensorSplit(
+            cat(t.images, v.images), cat(t.labels, v.labels), cat(t.groups, v.groups)
+        )
+        empty = TensorSplit(v.images[:0], v.labels[:0], None if v.groups is None else v.groups[:0])
+        return dataclasses.replace(self, train=train, val=empty)
+
 
 def random_shift(pad: int, flip: bool = False) -> Augment:
     """Augment that translates each sample by up to ``±pad`` pixels, optionally h-flipping it.
@@ -130,7 +145,7 @@ def random_shift(pad: int, flip: bool = False) -> Augment:
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
         raise UserError(f"pad must be a non-negative integer, got {pad!r}")
 
-    def augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def augment(x: Tensor, generator: torch.Generator | None = None, y=None) -> Tensor:
         if pad == 0 and not flip:
             return x
         b, _, h, w = x.shape
@@ -148,5 +163,26 @@ def random_shift(pad: int, flip: bool = False) -> Augment:
             mirror = torch.rand(b, generator=generator, device=device) < 0.5
             x = torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
         return x
+
+    return augment
+
+
+def class_aware(base: Augment, probability: Tensor) -> Augment:
+    """Apply `base` to each sample of class y with probability ``probability[y]``, else keep it.
+
+    `probability` ([C], in [0, 1]) is read at every call, so a method that updates it in place
+    (AutoBalance tuning per-class augmentation) changes the very next batch. The randomness is
+    drawn as: one uniform per sample for the mask, then whatever `base` draws. Because the mask is
+    Bernoulli(p_y), the expected loss over it is p_y·ℓ(base(x)) + (1 − p_y)·ℓ(x), which is what
+    AutoBalance differentiates with respect to p (see abdist/methods/autobalance.py).
+    """
+
+    def augment(x: Tensor, generator: torch.Generator | None = None, y=None) -> Tensor:
+        if y is None:
+            raise ValueError("class-aware augmentation needs the batch labels")
+        device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(len(x), generator=generator, device=device).to(x.device)
+        mask = u < probability.to(x.device)[y]
+        return torch.where(mask[:, None, None, None], base(x, generator, y), x)
 
     return augment

@@ -25,6 +25,7 @@ from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
 from abdist.errors import UserError
 from abdist.io import write_json, write_text
 from abdist.losses import ParametricLoss, build_loss_spec
+from abdist.methods.autobalance import AutoBalance
 from abdist.methods.erm import ERM
 from abdist.metrics import ConfusionAccumulator, class_metrics
 from abdist.models import create_model
@@ -126,8 +127,14 @@ def evaluate(model: nn.Module, split, *, num_classes: int, batch_size: int, devi
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; return the test metrics also written to disk."""
+def train(
+    cfg: Config, run_dir: str | Path, *, frozen_alpha: dict | None = None, merge_val: bool = False
+) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; return the test metrics also written to disk.
+
+    `frozen_alpha` (AutoBalance retrain): fixed per-class loss parameters found by a search.
+    `merge_val`: train on train+val (the retrain phase); validation metrics are then not logged.
+    """
     run_dir = Path(run_dir)
     _check_resumable(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +148,8 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     autocast = _autocast(cfg, device)
 
     data = build_data(cfg.data)
+    if merge_val:
+        data = data.with_val_merged()
     augment = build_augment(cfg.data)
     model = create_model(
         cfg.model.name,
@@ -160,7 +169,11 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         drw_epoch=lc.drw_epoch,
         drw_beta=lc.drw_beta,
     )
-    method = ERM(ParametricLoss(spec).to(device))
+    if cfg.method.name == "autobalance":
+        method = AutoBalance(cfg, data, spec, augment, device, frozen=frozen_alpha)
+        augment = method.train_augment()
+    else:
+        method = ERM(ParametricLoss(spec).to(device))
     optimizer = build_optimizer(model.parameters(), cfg.optim)
 
     B, accum = cfg.train.batch_size, cfg.train.grad_accum
@@ -201,7 +214,7 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         batches = data.train.batches(
             B, shuffle=True, generator=gen, drop_last=True, augment=augment
         )
-        total_loss, seen = 0.0, 0
+        total_loss, seen, hyper = 0.0, 0, {}
         optimizer.zero_grad(set_to_none=True)
         bar = progress(
             batches,
@@ -228,36 +241,40 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                method.after_step(step, model)
+                hyper = method.after_step(step, model) or hyper
                 step += 1
 
-        val_conf = evaluate(
-            model,
-            data.val,
-            num_classes=data.num_classes,
-            batch_size=cfg.train.eval_batch_size,
-            device=device,
-            autocast=autocast,
-        )
-        val = class_metrics(val_conf)
-        if val["balanced_error"] < best["val_balanced_error"]:
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": total_loss / max(1, seen),
+        }
+        record.update({f"last_{k}": v for k, v in hyper.items()})
+        val = None
+        if len(data.val):
+            val_conf = evaluate(
+                model,
+                data.val,
+                num_classes=data.num_classes,
+                batch_size=cfg.train.eval_batch_size,
+                device=device,
+                autocast=autocast,
+            )
+            val = class_metrics(val_conf)
+            record.update(
+                val_accuracy=val["accuracy"],
+                val_balanced_error=val["balanced_error"],
+                val_worst_class_recall=val["worst_class_recall"],
+            )
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        log.log(record)
+        if val is not None and val["balanced_error"] < best["val_balanced_error"]:
             best = {"epoch": epoch, "val_balanced_error": val["balanced_error"]}
             if cfg.train.select == "best_val":
                 # Kept inside the checkpoint, so the best weights and the epoch they came from are
                 # always written together (a kill between two files could not desync them).
                 best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        log.log(
-            {
-                "epoch": epoch + 1,
-                "step": step,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": total_loss / max(1, seen),
-                "val_accuracy": val["accuracy"],
-                "val_balanced_error": val["balanced_error"],
-                "val_worst_class_recall": val["worst_class_recall"],
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
         ckpts.save(
             epoch,
             {

@@ -1,0 +1,37 @@
+"""Recipes: which training phases a config runs, each one call of the training loop.
+
+ERM is one phase. AutoBalance is a search (loss parameters tuned on validation data, in
+<run>/search) followed, when `method.retrain` is on, by a retrain from scratch on train+val with
+the found per-class parameters frozen (<run>/retrain) -- the same D_pi-expanded vectors, so search
+and retrain cannot disagree on the loss. The run directory's metrics.json and alpha.json are the
+final phase's metrics and the searched parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from abdist.config import Config
+from abdist.engine.trainer import _check_resumable, train
+from abdist.io import write_json, write_text
+
+
+def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if cfg.method.name != "autobalance" or not cfg.method.retrain:
+        return train(cfg, run_dir)
+    _check_resumable(run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
+
+    search = train(cfg, run_dir / "search")
+    alpha = json.loads((run_dir / "search" / "alpha.json").read_text())
+    final = train(cfg, run_dir / "retrain", frozen_alpha=alpha, merge_val=True)
+    final["search"] = {
+        k: search[k] for k in ("accuracy", "balanced_error", "worst_class_recall", "selected_epoch")
+    }
+    write_json(run_dir / "alpha.json", alpha)
+    write_json(run_dir / "metrics.json", final)
+    return final

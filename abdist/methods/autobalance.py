@@ -1,0 +1,267 @@
+"""AutoBalance (Li et al., NeurIPS 2021): the loss parameters are tuned on validation data.
+
+Lower level (every step): train θ with the parametric loss
+    ℓ = w_y · CE(s·(Δ ⊙ f_θ(x) + l − m_y e_y), y),  mean = Σ w_y ℓ / Σ w_y.
+Upper level (every `method.hyper_interval` steps after `method.warmup_epochs`): one step of the
+upper optimiser on α_sub along the implicit-function-theorem hypergradient of the validation
+objective (abdist.bilevel.hypergrad), where the per-class vectors are
+    l = D·a_l,   Δ = 2·σ(D·a_Δ),   w = exp(D·a_w),   p_aug = σ(D·a_aug),
+D = D_π the frequency dictionary (C × K), the same matrix in search and retrain.
+
+Initialisation is the `loss` preset: ce → neutral, la → l = τ·log π, cdt → Δ = (n/n_max)^γ,
+vs → both, set exactly: a_Δ = logit(Δ_preset / 2), no second sigmoid. Why Δ ∈ (0, 2) and not the
+paper's (0, 1): with (0, 1) the presets' Δ = 1 is either saturated (zero gradient) or has to be
+shrunk, and shrinking every Δ by ½ is training at temperature 2 — measured on digits-LT, LA at
+Δ = ½ scores 40 % balanced error against 11.8 % at Δ = 1. With 2·σ, Δ = 1 sits at the sigmoid's
+steepest point and every preset is represented exactly.
+
+Augmentation: a sample of class y is augmented with probability p_y. The Bernoulli mask is not
+differentiable, but its expectation is: E[ℓ] = p_y·ℓ(A(x)) + (1 − p_y)·ℓ(x) for the drawn A(x).
+The hyper step differentiates this expected training loss (an exact, zero-variance estimator of the
+mask's contribution; A's own randomness is held fixed, i.e. reparameterised), so p is tuned by the
+same IFT machinery as l, Δ, w.
+
+What the hyper step does NOT do (unlike the authors' code): it never runs in train mode (BatchNorm
+statistics are read, never written: eval mode + torch.func.functional_call), validation batches use
+no training augmentation, and there is no extra upper "step" on an α-independent loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from abdist.bilevel.coordinator import Coordinator
+from abdist.bilevel.dictionary import build_dictionary, fit_sub
+from abdist.bilevel.hypergrad import hypergradient
+from abdist.bilevel.objectives import get_objective
+from abdist.data.memory import class_aware
+from abdist.errors import UserError
+from abdist.losses import LossSpec, delta_to_logit, parametric_cross_entropy
+
+TUNABLE = ("w", "l", "delta", "aug")
+# Δ = DELTA_MAX·σ(t): the presets' Δ = 1 sits at t = 0, the sigmoid's steepest point.
+DELTA_MAX = 2.0
+
+
+def _expand(D: Tensor, a: dict[str, Tensor], fixed: dict[str, Tensor | None]) -> dict:
+    """Per-class vectors from subspace parameters (tuned) or the fixed preset values."""
+    out = dict(fixed)
+    if "l" in a:
+        out["l"] = D @ a["l"]
+    if "delta" in a:
+        out["delta"] = DELTA_MAX * torch.sigmoid(D @ a["delta"])
+    if "w" in a:
+        out["w"] = torch.exp(D @ a["w"])
+    if "aug" in a:
+        out["aug"] = torch.sigmoid(D @ a["aug"])
+    return out
+
+
+class AutoBalance:
+    name = "autobalance"
+
+    def __init__(self, cfg, data, spec: LossSpec, base_augment, device, frozen: dict | None = None):
+        """`frozen`: per-class vectors from a finished search (retrain phase): no hyper steps."""
+        self.cfg, self.m, self.data, self.spec = cfg, cfg.method, data, spec
+        self.base_augment, self.device = base_augment, device
+        self.epoch = 0
+        C = data.num_classes
+        self.tune = [] if frozen is not None else [t for t in TUNABLE if t in self.m.tune]
+        if "aug" in self.tune and base_augment is None:
+            self.tune.remove("aug")  # nothing to tune: the data has no augmentation configured
+
+        def vec(v):
+            return None if v is None else torch.as_tensor(v, dtype=torch.float32, device=device)
+
+        if frozen is not None:
+            self.fixed = {k: vec(frozen.get(k)) for k in TUNABLE}
+            self.D, self.coordinator = None, None
+        else:
+            self.fixed = {"w": vec(spec.w), "l": vec(spec.l), "delta": vec(spec.delta), "aug": None}
+            self.D = build_dictionary(
+                data.class_counts,
+                self.m.dictionary,
+                None if self.m.dictionary == "per_class" else (self.m.dictionary_size or C),
+            ).to(device)
+            ones = torch.ones(C, device=device)
+            init = {
+                "l": self.fixed["l"] if self.fixed["l"] is not None else 0 * ones,
+                "delta": delta_to_logit(
+                    (self.fixed["delta"] if self.fixed["delta"] is not None else ones) / DELTA_MAX
+                ),
+                "w": torch.log(self.fixed["w"]) if self.fixed["w"] is not None else 0 * ones,
+                "aug": delta_to_logit(torch.full_like(ones, self.m.aug_init)),
+            }
+            self.coordinator = Coordinator(
+                {k: fit_sub(self.D, init[k]) for k in self.tune},
+                optimizer=self.m.upper_optim,
+                lr=self.m.upper_lr,
+                momentum=self.m.upper_momentum,
+                clip=self.m.clip,
+            )
+        # Read by the class-aware augment at every batch; updated in place after each hyper step.
+        self.aug_prob = torch.ones(C)
+        self.objective = self._build_objective()
+        self._refresh()
+
+    # --- what the training loop calls ---------------------------------------------------------
+
+    def train_augment(self):
+        """The training augmentation: class-aware when per-class probabilities exist."""
+        if self.base_augment is None or self.current["aug"] is None:
+            return self.base_augment
+        return class_aware(self.base_augment, self.aug_prob)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def training_loss(self, model, x: Tensor, y: Tensor) -> Tensor:
+        c = self.current
+        return parametric_cross_entropy(
+            model(x).float(),
+            y,
+            w=c["w"],
+            l=c["l"],
+            delta=c["delta"],
+            margin=self.spec.margin,
+            scale=self.spec.scale,
+            focal_gamma=self.spec.focal_gamma,
+        )
+
+    def after_step(self, step: int, model) -> dict:
+        if (
+            self.coordinator is None
+            or self.epoch < self.m.warmup_epochs
+            or (step + 1) % self.m.hyper_interval != 0
+        ):
+            return {}
+        return self.hyper_step(model, step)
+
+    def loss_params(self) -> dict[str, list[float]]:
+        C = self.data.num_classes
+        neutral = {"w": 1.0, "l": 0.0, "delta": 1.0, "aug": None}
+        out = {
+            k: (v.tolist() if v is not None else [neutral[k]] * C) for k, v in self.current.items()
+        }
+        margin = self.spec.margin
+        out["margin"] = margin.tolist() if margin is not None else [0.0] * C
+        if out["aug"][0] is None:
+            del out["aug"]
+        if self.coordinator is not None:
+            out["tuned"] = list(self.tune)
+            out["alpha_sub"] = {k: v.tolist() for k, v in self.coordinator.alpha_sub.items()}
+        return out
+
+    def state_dict(self) -> dict:
+        return {} if self.coordinator is None else {"coordinator": self.coordinator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.coordinator is not None and state:
+            self.coordinator.load_state_dict(state["coordinator"])
+            self._refresh()
+
+    # --- the hyper step -----------------------------------------------------------------------
+
+    def _build_objective(self):
+        name, kw = self.m.objective, {}
+        if name == "equal_opportunity_gap":
+            if self.data.val.groups is None:
+                raise UserError(
+                    "method.objective=equal_opportunity_gap needs group attributes in the data "
+                    "(prepare the shards with --groups), or pick balanced_ce / worst_class / blend"
+                )
+            kw["temperature"] = self.m.temperature
+        else:
+            kw["num_classes"] = self.data.num_classes
+        if name == "worst_class":
+            kw["temperature"] = self.m.temperature
+        if name == "blend":
+            kw["beta"] = self.m.blend_beta
+        return get_objective(name, **kw)
+
+    def _refresh(self) -> None:
+        if self.coordinator is None:
+            self.current = dict(self.fixed)
+        else:
+            with torch.no_grad():
+                alpha = {k: v.detach() for k, v in self.coordinator.alpha_sub.items()}
+                self.current = _expand(self.D, alpha, self.fixed)
+        if self.current["aug"] is not None:
+            self.aug_prob.copy_(self.current["aug"].detach().cpu())
+
+    def _sample_batches(self, split, step: int, augment: bool):
+        """`hyper_batches` batches drawn with a generator seeded by (seed, step): resumable."""
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
+        B = self.cfg.train.batch_size
+        xs, xas, ys = [], [], []
+        for x, y in split.batches(B, shuffle=True, generator=gen, drop_last=len(split) >= B):
+            xs.append(x)
+            ys.append(y)
+            if augment:
+                xas.append(self.base_augment(x, gen, y))
+            if len(xs) == self.m.hyper_batches:
+                break
+        cat = (lambda t: torch.cat(t).to(self.device)) if xs else None
+        return cat(xs), (cat(xas) if augment else None), cat(ys)
+
+    def hyper_step(self, model, step: int) -> dict:
+        tune_aug = "aug" in self.tune
+        x_tr, x_aug, y_tr = self._sample_batches(self.data.train, step, tune_aug)
+        x_val, _, y_val = self._sample_batches(self.data.val, step + 1, False)
+        was_training = model.training
+        model.eval()  # BatchNorm reads running statistics and writes nothing
+        try:
+            if self.m.scope == "head":
+                with torch.no_grad():
+                    x_tr, x_val = model.features(x_tr), model.features(x_val)
+                    x_aug = model.features(x_aug) if tune_aug else None
+                net = model.head
+                params = {k: v.detach() for k, v in net.named_parameters()}
+                frozen = {}
+            else:
+                net = model
+                params = {k: v.detach() for k, v in net.named_parameters()}
+                frozen = {k: v.detach() for k, v in net.named_buffers()}
+
+            def forward(p, x):
+                return functional_call(net, {**p, **frozen}, (x,)).float()
+
+            def train_loss(p, a):
+                c = _expand(self.D, a, self.fixed)
+                kw = dict(
+                    l=c["l"],
+                    delta=c["delta"],
+                    margin=self.spec.margin,
+                    scale=self.spec.scale,
+                    focal_gamma=self.spec.focal_gamma,
+                    reduction="none",
+                )
+                per = parametric_cross_entropy(forward(p, x_tr), y_tr, **kw)
+                if tune_aug:
+                    pa = c["aug"][y_tr]
+                    per_aug = parametric_cross_entropy(forward(p, x_aug), y_tr, **kw)
+                    per = pa * per_aug + (1 - pa) * per
+                w = c["w"][y_tr] if c["w"] is not None else torch.ones_like(per)
+                return (w * per).sum() / w.sum()
+
+            def val_loss(p, a):
+                return self.objective(forward(p, x_val), y_val)
+
+            alpha = {k: v.detach() for k, v in self.coordinator.alpha_sub.items()}
+            grads, info = hypergradient(
+                train_loss,
+                val_loss,
+                params,
+                alpha,
+                method=self.m.hypergrad,
+                weight_decay=self.cfg.optim.weight_decay,
+                damping=self.m.damping,
+                iterations=self.m.solver_iterations,
+            )
+        finally:
+            model.train(was_training)
+        stats = self.coordinator.step(grads)
+        self._refresh()
+        return {**stats, "solver_residual": info.get("residual")}
