@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml docker/install.sh docker/constraints.txt
 demo: $(STAMP)
 	$(PY) -m abdist train configs/digits_lt/ce.yaml --out runs/demo/ce
 	$(PY) -m abdist train configs/digits_lt/la.yaml --out runs/demo/la
-	$(PY) -m abdist report runs/demo/ce runs/demo/la --out runs/demo/report
+	$(PY) -m abdist train configs/digits_lt/autobalance.yaml --out runs/demo/autobalance
+	$(PY) -m abdist report runs/demo/ce runs/demo/la runs/demo/autobalance --out runs/demo/report
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -70,8 +70,23 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, ce_co
         train(_cfg(*over), tmp_path / "again")
 
 
-def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_metrics(tmp_path, ce_config):
-    args = [*FAST, "train.epochs=12", "train.batch_size=8"]
+@pytest.mark.parametrize(
+    "config, extra, n_epochs",
+    [
+        ("ce.yaml", ["train.epochs=12"], 12),
+        # search (hyper steps from epoch 2) then retrain: the kill lands in the search phase
+        (
+            "autobalance.yaml",
+            ["train.epochs=6", "method.warmup_epochs=1", "method.tune=[l,delta,w,aug]"],
+            6,
+        ),  # fmt: skip
+    ],
+)
+def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_metrics(
+    tmp_path, config, extra, n_epochs
+):
+    ce_config = REPO / "configs" / "digits_lt" / config
+    args = [*FAST, "train.batch_size=8", *extra]
     ref = run_cli("train", ce_config, "--out", tmp_path / "ref", *args)
     assert ref.returncode == 0, ref.stderr
 
@@ -81,7 +96,8 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_metrics(tmp_p
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "latest").exists():
+    phase = out / "search" if config.startswith("autobalance") else out
+    while not (phase / "checkpoints" / "latest").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before a checkpoint"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -93,5 +109,5 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_metrics(tmp_p
     assert "resuming" in r.stdout
     assert (out / "metrics.json").read_text() == (tmp_path / "ref" / "metrics.json").read_text()
     assert (out / "alpha.json").read_text() == (tmp_path / "ref" / "alpha.json").read_text()
-    log = [json.loads(x)["epoch"] for x in (out / "log.jsonl").read_text().splitlines()]
-    assert log == list(range(1, 13))  # no duplicated or missing epochs after the resume
+    log = [json.loads(x)["epoch"] for x in (phase / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, n_epochs + 1))  # no duplicated or missing epochs after resuming

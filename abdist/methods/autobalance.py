@@ -206,6 +206,29 @@ class AutoBalance:
         cat = (lambda t: torch.cat(t).to(self.device)) if xs else None
         return cat(xs), (cat(xas) if augment else None), cat(ys)
 
+    def expected_train_loss(self, alpha_sub, logits, logits_aug, y) -> Tensor:
+        """The training loss as a function of alpha_sub, in expectation over the augmentation mask.
+
+        With p_y the class's augmentation probability and ℓ, ℓ_A the per-sample losses of the
+        clean and augmented input: Σ_i w_i (p_i ℓ_A,i + (1 − p_i) ℓ_i) / Σ_i w_i. (The weighted
+        mean's normaliser does not depend on the mask, so the expectation is exact.)
+        """
+        c = _expand(self.D, alpha_sub, self.fixed)
+        kw = dict(
+            l=c["l"],
+            delta=c["delta"],
+            margin=self.spec.margin,
+            scale=self.spec.scale,
+            focal_gamma=self.spec.focal_gamma,
+            reduction="none",
+        )
+        per = parametric_cross_entropy(logits, y, **kw)
+        if logits_aug is not None:
+            pa = c["aug"][y]
+            per = pa * parametric_cross_entropy(logits_aug, y, **kw) + (1 - pa) * per
+        w = c["w"][y] if c["w"] is not None else torch.ones_like(per)
+        return (w * per).sum() / w.sum()
+
     def hyper_step(self, model, step: int) -> dict:
         tune_aug = "aug" in self.tune
         x_tr, x_aug, y_tr = self._sample_batches(self.data.train, step, tune_aug)
@@ -229,22 +252,9 @@ class AutoBalance:
                 return functional_call(net, {**p, **frozen}, (x,)).float()
 
             def train_loss(p, a):
-                c = _expand(self.D, a, self.fixed)
-                kw = dict(
-                    l=c["l"],
-                    delta=c["delta"],
-                    margin=self.spec.margin,
-                    scale=self.spec.scale,
-                    focal_gamma=self.spec.focal_gamma,
-                    reduction="none",
+                return self.expected_train_loss(
+                    a, forward(p, x_tr), forward(p, x_aug) if tune_aug else None, y_tr
                 )
-                per = parametric_cross_entropy(forward(p, x_tr), y_tr, **kw)
-                if tune_aug:
-                    pa = c["aug"][y_tr]
-                    per_aug = parametric_cross_entropy(forward(p, x_aug), y_tr, **kw)
-                    per = pa * per_aug + (1 - pa) * per
-                w = c["w"][y_tr] if c["w"] is not None else torch.ones_like(per)
-                return (w * per).sum() / w.sum()
 
             def val_loss(p, a):
                 return self.objective(forward(p, x_val), y_val)

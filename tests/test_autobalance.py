@@ -1,0 +1,205 @@
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from abdist.config import load_config
+from abdist.data.memory import DataBundle, TensorSplit, class_aware
+from abdist.engine.recipe import run
+from abdist.losses import build_loss_spec, parametric_cross_entropy
+from abdist.methods.autobalance import AutoBalance
+from abdist.models import Classifier, create_model
+from tests.conftest import FAST, REPO
+
+
+def _gaussian_lt(counts, n_val_per_class, dim=4, seed=0):
+    """Long-tailed Gaussian blobs in feature space, stored as [N, dim, 1, 1] 'images'."""
+    g = torch.Generator().manual_seed(seed)
+    means = 1.5 * torch.randn(len(counts), dim, generator=g)
+
+    def draw(ns):
+        xs, ys = [], []
+        for c, n in enumerate(ns):
+            xs.append(means[c] + torch.randn(n, dim, generator=g))
+            ys.append(torch.full((n,), c))
+        return TensorSplit(torch.cat(xs)[:, :, None, None], torch.cat(ys))
+
+    C = len(counts)
+    return DataBundle(
+        train=draw(counts),
+        val=draw([n_val_per_class] * C),
+        test=draw([n_val_per_class] * C),
+        class_names=[str(c) for c in range(C)],
+        in_channels=dim,
+        image_size=1,
+    )
+
+
+def _linear_model(dim, C):
+    torch.manual_seed(0)
+    return Classifier(nn.Flatten(), nn.Linear(dim, C), dim)
+
+
+def _solve_lower(method, model, data, wd, iters=200):
+    """Train the head to (near) optimality of the current parametric loss: the lower problem."""
+    x, y = data.train.images, data.train.labels
+    opt = torch.optim.LBFGS(model.head.parameters(), max_iter=iters, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)  # fmt: skip
+
+    def closure():
+        opt.zero_grad()
+        reg = sum((p**2).sum() for p in model.head.parameters())
+        loss = method.training_loss(model, x, y) + 0.5 * wd * reg
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def _ab_config(*extra):
+    return load_config(
+        None,
+        [
+            "method.name=autobalance",
+            "method.hypergrad=exact",
+            "method.warmup_epochs=0",
+            "method.hyper_interval=1",
+            "method.hyper_batches=1",
+            "method.clip=0",
+            "train.batch_size=100000",  # one batch = the whole split: the true bilevel objective
+            "optim.weight_decay=0.01",
+            *extra,
+        ],
+    )
+
+
+def test_search_lowers_the_validation_objective():
+    counts = [200, 80, 30, 12, 5]
+    data = _gaussian_lt(counts, 40)
+    cfg = _ab_config("method.tune=[l,delta]", "method.upper_optim=sgd", "method.upper_lr=0.5",
+                     "method.upper_momentum=0")  # fmt: skip
+    spec = build_loss_spec("ce", counts)
+    model = _linear_model(4, len(counts))
+    ab = AutoBalance(cfg, data, spec, None, torch.device("cpu"))
+
+    def val_objective():
+        with torch.no_grad():
+            return float(ab.objective(model(data.val.images), data.val.labels))
+
+    history = []
+    for t in range(15):
+        _solve_lower(ab, model, data, cfg.optim.weight_decay)
+        history.append(val_objective())
+        ab.hyper_step(model, t)
+    _solve_lower(ab, model, data, cfg.optim.weight_decay)
+    history.append(val_objective())
+    print(history)
+    assert history[-1] < history[0] - 0.02, history
+    # Like logit adjustment, the learned shift favours head classes during training (l grows with
+    # frequency), which pushes the decision boundary towards them and helps the tail at test time.
+    l = ab.loss_params()["l"]
+    assert l[0] > l[-1] + 0.1, l
+
+
+def test_expected_train_loss_equals_the_average_over_augmentation_masks():
+    torch.manual_seed(0)
+    C, B = 3, 4
+    counts = [10, 5, 2]
+    data = _gaussian_lt(counts, 2)
+    cfg = _ab_config("method.tune=[aug,l,w]")
+    ab = AutoBalance(cfg, data, build_loss_spec("ce", counts), lambda x, g, y: x, "cpu")
+    with torch.no_grad():
+        for v in ab.coordinator.alpha_sub.values():
+            v.normal_()
+    alpha = {k: v.detach() for k, v in ab.coordinator.alpha_sub.items()}
+    logits, logits_aug = torch.randn(B, C), torch.randn(B, C)
+    y = torch.tensor([0, 1, 2, 1])
+    p = torch.sigmoid(alpha["aug"])[y]  # per-class dictionary = identity
+    w, l = torch.exp(alpha["w"]), alpha["l"]
+    expected = 0.0
+    for mask in itertools.product([0, 1], repeat=B):  # enumerate every augmentation outcome
+        m = torch.tensor(mask, dtype=torch.bool)
+        prob = torch.where(m, p, 1 - p).prod()
+        z = torch.where(m[:, None], logits_aug, logits)
+        expected += prob * parametric_cross_entropy(z, y, w=w, l=l)
+    got = ab.expected_train_loss(alpha, logits, logits_aug, y)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_class_aware_augment_applies_with_the_class_probability():
+    prob = torch.tensor([0.0, 0.3, 1.0])
+    aug = class_aware(lambda x, g, y: x + 1.0, prob)
+    y = torch.tensor([0, 1, 2]).repeat(4000)
+    out = aug(torch.zeros(len(y), 1, 1, 1), torch.Generator().manual_seed(0), y)
+    rates = [float(out[y == c].mean()) for c in range(3)]
+    assert rates[0] == 0.0 and rates[2] == 1.0
+    assert abs(rates[1] - 0.3) < 0.03
+    prob[1] = 0.9  # updated in place by the method: the next batch sees it
+    out = aug(torch.zeros(len(y), 1, 1, 1), torch.Generator().manual_seed(1), y)
+    assert abs(float(out[y == 1].mean()) - 0.9) < 0.03
+
+
+@pytest.mark.parametrize("scope, solver", [("head", "cg"), ("full", "cg"), ("head", "neumann")])
+def test_hyper_step_never_touches_batchnorm_or_model_weights(scope, solver):
+    from abdist.data.digits import load_digits_lt
+
+    data = load_digits_lt(imbalance_ratio=10, seed=0)
+    cfg = load_config(None, ["method.name=autobalance", f"method.scope={scope}",
+                             f"method.hypergrad={solver}", "method.solver_iterations=3",
+                             "method.damping=0.1", "method.tune=[l,delta,w]",
+                             "train.batch_size=32"])  # fmt: skip
+    model = create_model("small_cnn", 10, in_channels=1, image_size=8)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        model(data.train.images[:64])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ab = AutoBalance(cfg, data, build_loss_spec("la", data.class_counts), None, "cpu")
+    alpha0 = {k: v.clone() for k, v in ab.coordinator.alpha_sub.items()}
+    stats = ab.hyper_step(model, 0)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    moved = sum(
+        float((ab.coordinator.alpha_sub[k] - alpha0[k]).abs().sum().detach()) for k in alpha0
+    )
+    assert moved > 0 and stats["hypergrad_norm"] > 0
+
+
+def test_la_init_is_exact_and_buckets_share_parameters():
+    from abdist.data.digits import load_digits_lt
+
+    data = load_digits_lt(imbalance_ratio=10, seed=0)
+    spec = build_loss_spec("la", data.class_counts)
+    cfg = load_config(None, ["method.name=autobalance", "method.dictionary=buckets",
+                             "method.dictionary_size=3"])  # fmt: skip
+    ab = AutoBalance(cfg, data, spec, None, "cpu")
+    params = ab.loss_params()
+    assert params["delta"] == pytest.approx([1.0] * 10)
+    assert len(ab.coordinator.alpha_sub["l"]) == 3
+    assert len(set(round(v, 6) for v in params["l"])) <= 3  # one value per bucket
+    cfg = load_config(None, ["method.name=autobalance"])
+    ab = AutoBalance(cfg, data, spec, None, "cpu")
+    assert ab.loss_params()["l"] == pytest.approx(spec.l.tolist(), abs=1e-5)
+
+
+def test_search_then_retrain_uses_the_searched_parameters(tmp_path):
+    cfg = load_config(REPO / "configs/digits_lt/autobalance.yaml",
+                      [*FAST, "method.warmup_epochs=1", "method.tune=[l,delta,aug]"])  # fmt: skip
+    m = run(cfg, tmp_path)
+    searched = json.loads((tmp_path / "search" / "alpha.json").read_text())
+    assert json.loads((tmp_path / "alpha.json").read_text()) == searched
+    retrained = json.loads((tmp_path / "retrain" / "alpha.json").read_text())
+    for key in ("l", "delta", "aug"):
+        assert retrained[key] == pytest.approx(searched[key]), key
+    assert searched["aug"] != pytest.approx([0.5] * 10)  # the augmentation probability was tuned
+    assert m["method"] == "autobalance/la" and "search" in m
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["balanced_error"] == m["balanced_error"]
+    # retrain trains on train+val: more samples per class than the search saw
+    search_counts = json.loads((tmp_path / "search" / "metrics.json").read_text())["class_counts"]
+    assert all(a > b for a, b in zip(on_disk["class_counts"], search_counts))
+    log = (tmp_path / "retrain" / "log.jsonl").read_text().splitlines()
+    assert "val_balanced_error" not in json.loads(log[0])
