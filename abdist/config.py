@@ -30,7 +30,9 @@ def _opt(default, *, choices=None, lo=None, hi=None, lo_open=False, help=""):
 
 @dataclass
 class DataConfig:
-    source: str = _opt("digits", choices=("digits",), help="where the data comes from")
+    source: str = _opt("digits", choices=("digits", "shards"), help="where the data comes from")
+    root: str = _opt("", help="shards: directory written by `abdist prepare`")
+    in_memory: bool = _opt(True, help="shards: decode everything into RAM (small datasets)")
     profile: str = _opt("exp", choices=("exp", "step"), help="long-tail profile")
     imbalance_ratio: float = _opt(10.0, lo=1.0, help="rho = n_max / n_min")
     minority_fraction: float = _opt(0.5, lo=0.0, hi=1.0, help="step profile: minority share")
@@ -114,6 +116,7 @@ class TrainConfig:
     deterministic: bool = _opt(True, help="torch deterministic algorithms")
     threads: int = _opt(0, lo=0, help="torch CPU threads (0 = torch default)")
     select: str = _opt("last", choices=("last", "best_val"), help="which weights to test")
+    merge_val: bool = _opt(False, help="train on train+val (no validation metrics)")
     keep_checkpoints: int = _opt(2, lo=1)
     many_shot_min: int = _opt(100, lo=0, help="many-shot: train count > this")
     few_shot_max: int = _opt(20, lo=0, help="few-shot: train count < this")
@@ -319,6 +322,10 @@ def validate(cfg: Config) -> None:
     for m in cfg.optim.milestones:
         if not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0:
             raise UserError(f"'optim.milestones' must be a list of epochs >= 0; got {m!r}")
+    if cfg.data.source == "shards" and not cfg.data.root:
+        raise UserError("'data.root' must name a shard directory when data.source=shards")
+    if cfg.train.merge_val and cfg.train.select == "best_val":
+        raise UserError("'train.select=best_val' needs a validation split; unset train.merge_val")
     bad = [t for t in cfg.method.tune if t not in ("w", "l", "delta", "aug")]
     if bad or not cfg.method.tune:
         raise UserError(

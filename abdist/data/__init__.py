@@ -6,7 +6,7 @@ from abdist.errors import UserError
 
 
 def build_data(cfg):
-    """Build train/val/test splits for `cfg` (a DataConfig). Only in-memory digits for now."""
+    """Build train/val/test splits for `cfg` (a DataConfig)."""
     if cfg.source == "digits":
         from abdist.data.digits import load_digits_lt
 
@@ -19,6 +19,12 @@ def build_data(cfg):
             val=val,
             seed=cfg.seed,
         )
+    if cfg.source == "shards":
+        if not cfg.in_memory:
+            raise UserError("data.in_memory=false (streaming shards) is not available yet")
+        from abdist.data.shard_memory import load_shards_in_memory
+
+        return load_shards_in_memory(cfg.root)
     raise UserError(f"data.source '{cfg.source}' is not supported")
 
 

@@ -148,7 +148,7 @@ def train(
     autocast = _autocast(cfg, device)
 
     data = build_data(cfg.data)
-    if merge_val:
+    if merge_val or cfg.train.merge_val:
         data = data.with_val_merged()
     augment = build_augment(cfg.data)
     model = create_model(

@@ -1,0 +1,460 @@
+"""``abdist prepare``: raw data → long-tailed, split, shuffled shards plus ``manifest.json``.
+
+Steps, each deterministic given the seed:
+
+1. open the source (:mod:`abdist.data.sources`); only labels are read at this point;
+2. long-tail the *training pool* only (:func:`longtail_counts` + :func:`subsample_per_class`,
+   head = class 0, ``n_max`` = the smallest class unless given); test stays as the source has it;
+3. validation: the source's own val split if it has one, else carved from the long-tailed pool
+   per class (:func:`stratified_split`), or with ``val_balanced`` the same count for every class;
+4. shuffle each split (so every shard mixes classes), read/encode the chosen images and hand them
+   to a writer (``WRITERS``; ``"wds"`` writes WebDataset tars, see :mod:`abdist.data.shards`);
+5. write the manifest, then rename ``OUT.tmp-<pid>`` to ``OUT``: a directory named ``OUT`` is
+   always complete, an interrupted prepare leaves none.
+
+Digits is the one exception to steps 2-3: its splits come from
+:func:`abdist.data.digits.digits_lt_indices`, so shards hold exactly the samples of the in-memory
+``load_digits_lt`` with the same options and seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from abdist.data.longtail import PROFILES, longtail_counts, stratified_split, subsample_per_class
+from abdist.data.shards import MANIFEST_FORMAT, MANIFEST_NAME, Record
+from abdist.data.sources import SPLITS, Source, SourceSplit, encode_image, open_source
+from abdist.errors import UserError
+from abdist.io import write_json
+
+DEFAULT_VAL = 0.2
+DEFAULT_SHARD_SIZE = 2000
+
+# A split writer: writer(out_dir, split, records, num_samples, shard_size) -> the manifest's
+# shard entries [{"name", "num_samples", "sha256"}]. Records arrive in final order (i = 0..N-1).
+SplitWriter = Callable[[Path, str, Iterator[Record], int, int], list[dict]]
+
+
+def _wds_writer() -> SplitWriter:
+    from abdist.data.shards import write_wds_split
+
+    return write_wds_split
+
+
+# Backends by --format name, each a factory so an optional backend's imports (ffcv) only happen
+# when it is chosen. A new backend registers here; nothing else in prepare() is format-specific.
+WRITERS: dict[str, Callable[[], SplitWriter]] = {"wds": _wds_writer}
+
+
+@dataclass
+class PrepareOptions:
+    """Options of ``abdist prepare`` (see ``abdist prepare --help``); all go into the manifest."""
+
+    profile: str = "exp"
+    imbalance_ratio: float | None = None  # None: keep the training pool's own distribution
+    minority_fraction: float = 0.5
+    n_max: int | None = None  # head-class count; None: the smallest class of the pool
+    val: float | int | None = None  # fraction in [0, 1) or per-class count; None: 0.2
+    val_balanced: bool = False
+    test_per_class: int = 50  # digits only: its balanced test split is carved from the pool
+    groups: str | None = None  # CSV key,group
+    shard_size: int = DEFAULT_SHARD_SIZE
+    format: str = "wds"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``UserError`` for an invalid option, before anything is read or written."""
+        if self.profile not in PROFILES:
+            raise UserError(f"--profile {self.profile!r}: use one of {', '.join(PROFILES)}")
+        if self.imbalance_ratio is not None and not self.imbalance_ratio >= 1:
+            raise UserError(f"--imbalance-ratio must be >= 1, got {self.imbalance_ratio!r}")
+        if not 0.0 <= self.minority_fraction <= 1.0:
+            raise UserError(
+                f"--minority-fraction must be in [0, 1], got {self.minority_fraction!r}"
+            )
+        for name in ("n_max", "shard_size", "test_per_class"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.n_max is not None and self.imbalance_ratio is None:
+            raise UserError("--n-max only applies with --imbalance-ratio")
+        if self.val is not None:
+            _check_val(self.val)
+        if self.format not in WRITERS:
+            raise UserError(f"--format {self.format!r}: use one of {', '.join(WRITERS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer, got {self.seed!r}")
+
+
+def _check_val(val) -> None:
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        raise UserError(f"--val must be a fraction in [0, 1) or a per-class count, got {val!r}")
+    if isinstance(val, float) and not 0.0 <= val < 1.0:
+        raise UserError(f"--val fraction must be in [0, 1), got {val!r}; use an integer count")
+    if isinstance(val, int) and val < 0:
+        raise UserError(f"--val per-class count must be >= 0, got {val!r}")
+
+
+def parse_val(text: str) -> float | int:
+    """``--val`` from the command line: ``"0.2"`` is a fraction, ``"20"`` a per-class count."""
+    try:
+        val = float(text) if any(ch in text for ch in ".eE") else int(text)
+    except ValueError:
+        raise UserError(
+            f"--val {text!r}: expected a fraction like 0.2 or a count like 20"
+        ) from None
+    _check_val(val)
+    return val
+
+
+def parse_split_file(text: str) -> tuple[str, str]:
+    """``SPLIT=FILE`` (for ``--list`` / ``--json``) as a pair."""
+    split, sep, file = text.partition("=")
+    if not sep or split not in SPLITS or not file:
+        raise UserError(f"{text!r}: expected SPLIT=FILE with SPLIT one of {', '.join(SPLITS)}")
+    return split, file
+
+
+def read_group_csv(path: str | Path) -> dict[str, str]:
+    """``key,group`` rows of a CSV as a dict (an optional ``key,group`` header row is skipped).
+
+    Keys name samples the way the source does (see :mod:`abdist.data.sources`); rows for samples
+    that are not in the prepared dataset are ignored.
+    """
+    mapping: dict[str, str] = {}
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"--groups {path}: cannot read ({exc})") from None
+    for lineno, row in enumerate(rows, 1):
+        row = [c.strip() for c in row]
+        if not any(row):
+            continue
+        if lineno == 1 and [c.lower() for c in row] == ["key", "group"]:
+            continue
+        if len(row) != 2 or not row[0] or not row[1]:
+            raise UserError(f"{path}:{lineno}: expected 'key,group', got {','.join(row)!r}")
+        if mapping.setdefault(row[0], row[1]) != row[1]:
+            raise UserError(f"{path}:{lineno}: {row[0]!r} is given two different groups")
+    return mapping
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _stage_seeds(seed: int) -> tuple[int, int, np.random.SeedSequence]:
+    # The same derivation as abdist.data.digits (children 0..2: test, long-tail, split), so both
+    # paths agree; child 3 drives the shard order. Independent streams mean that, e.g., changing
+    # --val never changes which samples the long-tail step picked.
+    children = np.random.SeedSequence(seed).spawn(4)
+    s_lt, s_split = (int(s.generate_state(1)[0]) for s in children[1:3])
+    return s_lt, s_split, children[3]
+
+
+def _longtail_pool(src: Source, opts: PrepareOptions, seed: int) -> np.ndarray:
+    labels = src.splits["train"].labels
+    if opts.imbalance_ratio is None:
+        return np.arange(labels.size, dtype=np.int64)
+    per_class = np.bincount(labels, minlength=src.num_classes)
+    if per_class.min() == 0:
+        c = int(per_class.argmin())
+        raise UserError(
+            f"class {c} ({src.class_names[c]!r}) has no training samples; a long-tailed subset "
+            "needs every class"
+        )
+    n_max = opts.n_max if opts.n_max is not None else int(per_class.min())
+    counts = longtail_counts(
+        n_max, src.num_classes, opts.imbalance_ratio, opts.profile, opts.minority_fraction
+    )
+    return subsample_per_class(labels, counts, seed)
+
+
+def _balanced_split(
+    labels: np.ndarray, pool: np.ndarray, val: float | int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`stratified_split`, but every class gives the same validation count ``k``.
+
+    A count is used as is, a fraction applies to the smallest class (so no class gives more than
+    that fraction of its samples); ``k`` is capped at smallest - 1 so that even the rarest class
+    keeps a training sample and validation stays exactly balanced.
+    """
+    per_class = np.bincount(labels[pool])
+    smallest = int(per_class[per_class > 0].min()) if pool.size else 0
+    if isinstance(val, float):
+        k = math.floor(val * smallest + 0.5 + 1e-9)  # round half up, as stratified_split does
+    else:
+        k = int(val)
+    if val > 0:
+        k = max(1, min(k, smallest - 1))
+    return stratified_split(labels, pool, k, seed)
+
+
+def plan_splits(src: Source, opts: PrepareOptions) -> dict[str, tuple[str, np.ndarray]]:
+    """``{split: (source split, sorted indices into it)}`` for ``train``, ``val`` and ``test``."""
+    s_lt, s_split, _ = _stage_seeds(opts.seed)
+    if src.kind == "digits":
+        from abdist.data.digits import digits_lt_indices
+
+        if opts.n_max is not None:
+            raise UserError("--n-max does not apply to digits (its n_max is the smallest class)")
+
+        val = DEFAULT_VAL if opts.val is None else opts.val
+        idx = digits_lt_indices(
+            profile=opts.profile,
+            imbalance_ratio=1.0 if opts.imbalance_ratio is None else opts.imbalance_ratio,
+            minority_fraction=opts.minority_fraction,
+            test_per_class=opts.test_per_class,
+            val=0 if opts.val_balanced else val,
+            seed=opts.seed,
+        )
+        if opts.val_balanced:
+            idx["train"], idx["val"] = _balanced_split(
+                src.splits["all"].labels, idx["train"], val, s_split
+            )
+        return {split: ("all", idx[split]) for split in SPLITS}
+
+    labels = src.splits["train"].labels
+    pool = _longtail_pool(src, opts, s_lt)
+    if "val" in src.splits:
+        if opts.val is not None or opts.val_balanced:
+            raise UserError(
+                "the source has its own val split; drop --val / --val-balanced (they only apply "
+                "when validation is carved from the training pool)"
+            )
+        train, val_idx = pool, np.arange(len(src.splits["val"]), dtype=np.int64)
+        plan = {"train": ("train", train), "val": ("val", val_idx)}
+    else:
+        val = DEFAULT_VAL if opts.val is None else opts.val
+        split = _balanced_split if opts.val_balanced else stratified_split
+        train, val_idx = split(labels, pool, val, s_split)
+        plan = {"train": ("train", train), "val": ("train", val_idx)}
+    plan["test"] = ("test", np.arange(len(src.splits["test"]), dtype=np.int64))
+    return plan
+
+
+def _sorted_names(names: set[str]) -> list[str]:
+    # Numeric group labels sort as numbers ("2" before "10"), anything else alphabetically.
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _assign_groups(
+    src: Source, plan: dict[str, tuple[str, np.ndarray]], opts: PrepareOptions
+) -> tuple[list[str] | None, dict[str, np.ndarray] | None]:
+    """Group names and, per split, a group id for each planned sample (None: no groups)."""
+    from_source = any(s.groups is not None for s in src.splits.values())
+    if opts.groups is None and not from_source:
+        return None, None
+    if opts.groups is not None and from_source:
+        raise UserError("the list files already have a group column; drop --groups or the column")
+    mapping = read_group_csv(opts.groups) if opts.groups is not None else None
+    values: dict[str, list[str]] = {}
+    for split, (sname, idx) in plan.items():
+        sp: SourceSplit = src.splits[sname]
+        if mapping is None:
+            values[split] = [sp.groups[i] for i in idx]
+            continue
+        vals, missing = [], []
+        for i in idx:
+            g = mapping.get(sp.keys[i])
+            if g is None and sp.alt_keys is not None:
+                g = mapping.get(sp.alt_keys[i])
+            (missing.append(sp.keys[i]) if g is None else vals.append(g))
+        if missing:
+            raise UserError(
+                f"--groups {opts.groups}: no group for {len(missing)} {split} samples, "
+                f"e.g. {missing[0]!r} (keys for this source look like {sp.keys[0]!r})"
+            )
+        values[split] = vals
+    names = _sorted_names({v for vals in values.values() for v in vals})
+    index = {n: g for g, n in enumerate(names)}
+    ids = {s: np.array([index[v] for v in vals], dtype=np.int64) for s, vals in values.items()}
+    return names, ids
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _ImageStats:
+    """Channels and size over all written images, for the manifest's ``image`` entry."""
+
+    def __init__(self) -> None:
+        self.color = False
+        self.sizes: set[tuple[int, int]] = set()
+
+    def add(self, channels: int, size: tuple[int, int]) -> None:
+        self.color |= channels == 3
+        if len(self.sizes) < 2:  # only "one size or not" matters; ImageNet has thousands
+            self.sizes.add(tuple(size))
+
+    def manifest(self) -> dict:
+        size = None
+        if len(self.sizes) == 1:
+            (h, w) = next(iter(self.sizes))
+            size = h if h == w else None  # a single int only describes square images
+        return {"channels": 3 if self.color else 1, "size": size}
+
+
+def _records(
+    split: str,
+    sp: SourceSplit,
+    idx: np.ndarray,
+    order: np.ndarray,
+    groups: np.ndarray | None,
+    stats: _ImageStats,
+) -> Iterator[Record]:
+    for i, j in enumerate(order):
+        si = int(idx[j])
+        enc = encode_image(sp.read(si), where=f"{split} sample {sp.keys[si]!r}")
+        stats.add(enc.channels, enc.size)
+        group = None if groups is None else int(groups[j])
+        yield Record(i, enc.ext, enc.data, int(sp.labels[si]), group)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    if not out.is_dir() or out.is_symlink():
+        raise UserError(f"refusing to replace {out}: not a directory")
+    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        # --force replaces earlier prepare output, never an unrelated directory (a typo in OUT).
+        raise UserError(f"refusing to replace {out}: it has files but no {MANIFEST_NAME}")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    # Move the old directory aside first, so there is never a moment without a complete OUT
+    # that we could not roll back from.
+    old = out.parent / f"{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(
+    source: str,
+    out: str | Path,
+    options: PrepareOptions | None = None,
+    *,
+    lists: dict[str, str] | None = None,
+    jsons: dict[str, str] | None = None,
+    root: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Convert the raw dataset ``source`` into shards in ``out``; returns the manifest.
+
+    ``source``, ``lists``, ``jsons`` and ``root`` are as for
+    :func:`abdist.data.sources.open_source`. Output: ``out/{split}-NNNNNN.tar`` for ``train``,
+    ``val`` and ``test`` (a split with no samples has no shards) and ``out/manifest.json``; see
+    :mod:`abdist.data.shards` for the exact formats. Byte-identical for equal inputs, options and
+    seed. An existing ``out`` is only replaced with ``force=True`` (and only if it holds an earlier
+    prepare's output); the work happens in ``out.tmp-<pid>`` beside it, removed on any error.
+    """
+    opts = options if options is not None else PrepareOptions()
+    opts.validate()
+    writer = WRITERS[opts.format]()
+    out = Path(out)
+    _check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():  # left by a killed run whose pid we now have: ours to remove
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with open_source(
+            source, lists=lists, jsons=jsons, root=root, scratch=tmp / "_scratch"
+        ) as src:
+            manifest = _write_all(src, opts, tmp, writer)
+        shutil.rmtree(tmp / "_scratch", ignore_errors=True)
+        manifest["options"] = {
+            **asdict(opts),
+            "groups": _abs(opts.groups),
+            "lists": {k: _abs(v) for k, v in (lists or {}).items()} or None,
+            "jsons": {k: _abs(v) for k, v in (jsons or {}).items()} or None,
+            "root": _abs(root),
+        }
+        write_json(tmp / MANIFEST_NAME, manifest)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _abs(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def _write_all(src: Source, opts: PrepareOptions, tmp: Path, writer: SplitWriter) -> dict:
+    from abdist import __version__
+
+    plan = plan_splits(src, opts)
+    group_names, group_ids = _assign_groups(src, plan, opts)
+    _, _, shuffle_seq = _stage_seeds(opts.seed)
+    shuffle_seeds = dict(zip(SPLITS, shuffle_seq.spawn(len(SPLITS))))
+    stats = _ImageStats()
+    num_classes = src.num_classes
+    splits = {}
+    for split in SPLITS:
+        sname, idx = plan[split]
+        sp = src.splits[sname]
+        labels = sp.labels[idx]
+        groups = None if group_ids is None else group_ids[split]
+        order = np.random.default_rng(shuffle_seeds[split]).permutation(idx.size)
+        shards = writer(
+            tmp, split, _records(split, sp, idx, order, groups, stats), idx.size, opts.shard_size
+        )
+        gcc = None
+        if groups is not None:
+            table = np.zeros((len(group_names), num_classes), dtype=np.int64)
+            np.add.at(table, (groups, labels), 1)
+            gcc = table.tolist()
+        splits[split] = {
+            "num_samples": int(idx.size),
+            "class_counts": np.bincount(labels, minlength=num_classes).tolist(),
+            "group_class_counts": gcc,
+            "shards": shards,
+        }
+    return {
+        "format": MANIFEST_FORMAT,
+        "class_names": list(src.class_names),
+        "num_classes": num_classes,
+        "group_names": group_names,
+        "image": stats.manifest(),
+        "splits": splits,
+        "source": {"kind": src.kind, "path": src.path},
+        "options": {},  # filled in by prepare()
+        "seed": opts.seed,
+        "created_by": f"abdist {__version__}",
+    }
+
+
+def summarize(manifest: dict, out: str | Path) -> str:
+    """One line for the CLI: where, how many classes, samples and shards per split."""
+    parts = []
+    for split, info in manifest["splits"].items():
+        parts.append(f"{split} {info['num_samples']} ({len(info['shards'])} shards)")
+    counts = manifest["splits"]["train"]["class_counts"]
+    head, tail = (max(counts), min(counts)) if counts else (0, 0)
+    return (
+        f"wrote {out}: {manifest['num_classes']} classes, {', '.join(parts)}; "
+        f"train per class {head}..{tail}"
+    )
