@@ -223,6 +223,9 @@ def plot_runs(runs: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -
             plt.close(fig)
 
     panels = (("l", "l"), ("delta", "Δ"), ("w", "w"))
+    if any((run.get("alpha") or {}).get("aug") for run in runs):
+        # AutoBalance tuned the per-class augmentation probability: show it as a fourth panel.
+        panels = (*panels, ("aug", "augmentation probability"))
     param_series = []
     for run, color in zip(runs, colors, strict=True):
         alpha = run.get("alpha")
@@ -233,7 +236,7 @@ def plot_runs(runs: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -
         if any(v is not None for v in per_key.values()):
             param_series.append((run["name"], color, per_key))
     if param_series:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4), sharex=True)
         try:
             for ax, (key, label) in zip(axes, panels, strict=True):
                 for name, color, per_key in param_series:
