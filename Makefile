@@ -6,8 +6,8 @@ STAMP := $(VENV)/.abdist-installed
 .PHONY: demo test test-slow lint format clean-demo
 
 # Re-install only when the project's metadata or the install script change.
-$(STAMP): pyproject.toml docker/install.sh docker/constraints.txt
-	bash docker/install.sh $(VENV) dev
+$(STAMP): pyproject.toml Makefile docker/install.sh docker/constraints.txt
+	bash docker/install.sh $(VENV) dev,ffcv,deepspeed
 	touch $@
 
 demo: $(STAMP)

@@ -475,7 +475,7 @@ def test_bad_options(tmp_path):
         PrepareOptions(imbalance_ratio=0.5),
         PrepareOptions(profile="linear"),
         PrepareOptions(shard_size=0),
-        PrepareOptions(format="ffcv"),
+        PrepareOptions(format="parquet"),
         PrepareOptions(n_max=10),
     ):
         with pytest.raises(UserError):

@@ -49,9 +49,16 @@ def _wds_writer() -> SplitWriter:
     return write_wds_split
 
 
+def _ffcv_writer() -> SplitWriter:
+    from abdist.data.ffcv_backend import require_ffcv, write_ffcv_split
+
+    require_ffcv()  # a missing extra fails here, before anything is written
+    return write_ffcv_split
+
+
 # Backends by --format name, each a factory so an optional backend's imports (ffcv) only happen
 # when it is chosen. A new backend registers here; nothing else in prepare() is format-specific.
-WRITERS: dict[str, Callable[[], SplitWriter]] = {"wds": _wds_writer}
+WRITERS: dict[str, Callable[[], SplitWriter]] = {"wds": _wds_writer, "ffcv": _ffcv_writer}
 
 
 @dataclass

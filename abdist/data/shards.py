@@ -294,9 +294,19 @@ def verify_shards(directory: str | Path) -> list[str]:
                     f"found {digest[:16]}... (file changed or corrupt)"
                 )
             try:
-                scan = _scan_shard(path, split, num_classes, num_groups)
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                problems.append(f"{name}: unreadable tar ({exc})")
+                if name.endswith(".beton"):  # --format ffcv: one FFCV file per split
+                    from abdist.data.ffcv_backend import scan_beton
+
+                    scan = scan_beton(path, split, num_classes, num_groups)
+                else:
+                    scan = _scan_shard(path, split, num_classes, num_groups)
+            except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+                kind = ".beton" if name.endswith(".beton") else "tar"
+                problems.append(f"{name}: unreadable {kind} ({exc})")
+                complete = False
+                continue
+            except UserError as exc:  # ffcv not installed: the sha256 was checked, no more
+                problems.append(f"{name}: samples not checked: {exc}")
                 complete = False
                 continue
             if scan.num_samples != want:
@@ -331,7 +341,7 @@ def verify_shards(directory: str | Path) -> list[str]:
             problems.append(
                 f"{split}: sample idx values are not 0..{info['num_samples'] - 1} exactly once"
             )
-    for path in sorted(directory.glob("*.tar")):
+    for path in sorted([*directory.glob("*.tar"), *directory.glob("*.beton")]):
         if path.name not in listed:
             problems.append(f"{path.name}: shard file not listed in the manifest")
     return problems
