@@ -410,12 +410,17 @@ def _hypergradient(
         # One graph of ∇_θ L_train over (θ, α); each call of vjp_fn is a backward through it,
         # returning (H u, (∂²L/∂θ∂α)ᵀ u) at once. The α half is tiny next to the network pass.
         _, vjp_fn = torch.func.vjp(grad_train, theta, alpha)
+        # The solvers end with a residual check hvp(x); mixed(x) needs the α half of that very
+        # pass, so keep it instead of running the (network-sized) backward a second time.
+        last: dict[str, Any] = {}
 
         def hvp(u: Tensor) -> Tensor:
-            return vjp_fn(u)[0] + shift * u
+            hu, mu = vjp_fn(u)
+            last.update(u=u, mixed=mu)
+            return hu + shift * u
 
         def mixed(x: Tensor) -> Tree:
-            return vjp_fn(x)[1]
+            return last["mixed"] if last.get("u") is x else vjp_fn(x)[1]
     else:
 
         def hvp(u: Tensor) -> Tensor:
