@@ -97,6 +97,44 @@ def _build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check prepared shards against their manifest")
     v.add_argument("dir", help="directory written by `abdist prepare`")
+
+    la = sub.add_parser("launch", help="submit training to Slurm (or run it locally) via submitit")
+    la.add_argument("cluster", choices=["slurm", "local"], help="slurm, or local (this machine)")
+    la.add_argument("config", help="YAML config file")
+    la.add_argument("overrides", nargs="*", metavar="section.key=value")
+    la.add_argument("--out", help="run directory (default: runs/<train.name>)")
+    la.add_argument("--nodes", type=int, default=1)
+    la.add_argument("--gpus-per-node", type=int, default=0, help="also the tasks per node")
+    la.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node, or 1 on CPU")
+    la.add_argument("--cpus-per-task", type=int, default=1)
+    la.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    la.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit (minutes)")
+    la.add_argument("--mem-gb", type=float, help="memory per node")
+    la.add_argument("--job-name", help="default: abdist-<train.name>")
+    la.add_argument(
+        "--array",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one job per value (seeds=0,1,2 or any config key); repeat for a grid",
+    )
+    la.add_argument("--wait", action="store_true", help="wait and print the results table")
+
+    sw = sub.add_parser("sweep", help="write a W&B sweep definition from a sweep spec")
+    sw.add_argument("config", help="YAML config file (the base of every trial)")
+    sw.add_argument("spec", help="sweep spec YAML: method, metric, parameters by config key")
+    sw.add_argument("--out", help="output directory (default: runs/sweeps/<spec name>)")
+
+    ag = sub.add_parser("agent", help="run sweep trials (W&B agent, or --local without a server)")
+    ag.add_argument("config", help="YAML config file (the base of every trial)")
+    ag.add_argument("sweep_id", nargs="?", help="W&B sweep id (entity/project/id or id)")
+    ag.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ag.add_argument("--local", metavar="SPEC", help="run the sweep spec here, no W&B server")
+    ag.add_argument("--count", type=int, help="number of trials (default: all / spec's count)")
+    ag.add_argument(
+        "--trial", action="store_true", help="one trial in the current W&B run (`wandb agent`)"
+    )
+    ag.add_argument("--out", help="sweep directory (default: runs/sweeps/<name>)")
     return p
 
 
@@ -177,6 +215,50 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _cmd_launch(args) -> int:
+    try:
+        from abdist.launcher import LaunchOptions, launch
+    except ImportError as exc:
+        raise UserError(f"abdist launch needs submitit ({exc}); pip install submitit") from None
+
+    opts = LaunchOptions(
+        cluster=args.cluster,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        time_min=args.time,
+        mem_gb=args.mem_gb,
+        job_name=args.job_name,
+        array=args.array,
+    )
+    return launch(args.config, args.overrides, args.out, opts, wait_for_results=args.wait)
+
+
+def _cmd_sweep(args) -> int:
+    from abdist.sweeps import write_sweep
+
+    print(write_sweep(args.config, args.spec, args.out))
+    return 0
+
+
+def _cmd_agent(args) -> int:
+    from abdist.sweeps import agent
+
+    if args.sweep_id and "=" in args.sweep_id:  # `agent CONFIG --local S key=value`
+        args.overrides, args.sweep_id = [args.sweep_id, *args.overrides], None
+    return agent(
+        args.config,
+        sweep_id=args.sweep_id,
+        local_spec=args.local,
+        count=args.count,
+        out=args.out,
+        overrides=args.overrides,
+        trial=args.trial,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # Overrides may come before or after options (`train c.yaml --out d optim.lr=1`), which
@@ -195,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             "report": _cmd_report,
             "prepare": _cmd_prepare,
             "verify": _cmd_verify,
+            "launch": _cmd_launch,
+            "sweep": _cmd_sweep,
+            "agent": _cmd_agent,
         }[args.command](args)
     except UserError as exc:
         print(f"abdist: error: {exc}", file=sys.stderr)

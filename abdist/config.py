@@ -73,7 +73,7 @@ class MethodConfig:
     dictionary_size: int = _opt(0, lo=0, help="K for buckets/interp (0 = number of classes)")
     hypergrad: str = _opt("cg", choices=("exact", "cg", "neumann"))
     scope: str = _opt("head", choices=("head", "full"))
-    solver_iterations: int = _opt(20, lo=1)
+    solver_iterations: int = _opt(50, lo=1, help="CG/Neumann iterations (head: cheap)")
     damping: float = _opt(0.0, lo=0.0, help="extra lambda*I in the Hessian solve")
     objective: str = _opt(
         "balanced_ce", choices=("balanced_ce", "worst_class", "blend", "equal_opportunity_gap")
@@ -108,13 +108,15 @@ class OptimConfig:
 class TrainConfig:
     name: str = _opt("run", help="run name; the default output dir is runs/<name>")
     epochs: int = _opt(30, lo=1)
-    batch_size: int = _opt(64, lo=1)
+    batch_size: int = _opt(64, lo=1, help="the GLOBAL batch: each of W ranks takes batch_size/W")
     eval_batch_size: int = _opt(512, lo=1)
     grad_accum: int = _opt(1, lo=1, help="micro-batches per optimiser step")
     precision: str = _opt("fp32", choices=("fp32", "bf16"))
     seed: int = _opt(0, lo=0)
     deterministic: bool = _opt(True, help="torch deterministic algorithms")
-    threads: int = _opt(0, lo=0, help="torch CPU threads (0 = torch default)")
+    threads: int = _opt(
+        0, lo=0, help="torch CPU threads of the node, split among its ranks (0 = torch default)"
+    )
     select: str = _opt("last", choices=("last", "best_val"), help="which weights to test")
     merge_val: bool = _opt(False, help="train on train+val (no validation metrics)")
     keep_checkpoints: int = _opt(2, lo=1)
@@ -125,13 +127,42 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = _opt("none", choices=("none",))
+    # Where the ranks are (torchrun env, a Slurm srun task, one process) is detected, not
+    # configured: see abdist/engine/dist.py. train.batch_size is the GLOBAL batch.
+    backend: str = _opt(
+        "none",
+        choices=("none", "ddp", "deepspeed"),
+        help="none: one process; ddp: DistributedDataParallel; deepspeed: ZeRO (pip extra)",
+    )
+    zero_stage: int = _opt(0, lo=0, hi=2, help="deepspeed: ZeRO stage 0, 1 or 2")
+    sync_bn: bool = _opt(
+        False, help="BatchNorm statistics over the global batch (ddp/deepspeed, >1 rank)"
+    )
+    hyper_shard: str = _opt(
+        "val",
+        choices=("val", "train_val"),
+        help="hyper step batches split across ranks: val only (exact for sample-mean "
+        "objectives), or train too (1/W the work, a mean of per-rank estimates)",
+    )
+    timeout_s: float = _opt(
+        600.0, lo=0.0, lo_open=True, help="a rank waiting on a dead peer gives up after this"
+    )
 
 
 @dataclass
 class TrackingConfig:
-    backend: str = _opt("jsonl", choices=("jsonl", "none"))
+    backend: str = _opt(
+        "jsonl", choices=("jsonl", "wandb", "none"), help="wandb: log.jsonl + Weights & Biases"
+    )
     progress: str = _opt("auto", choices=("auto", "always", "never"), help="progress bars")
+    project: str = _opt("abdist", help="wandb project")
+    entity: str = _opt("", help="wandb entity (team/user; empty = your default)")
+    mode: str = _opt(
+        "offline",
+        choices=("offline", "online", "disabled"),
+        help="wandb: offline writes files only (`wandb sync` them later); online needs a login",
+    )
+    dir: str = _opt("", help="wandb: where its files go (empty = the run directory)")
 
 
 @dataclass
@@ -335,6 +366,11 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"'method.warmup_epochs' ({cfg.method.warmup_epochs}) leaves no search epochs within "
             f"'train.epochs' ({cfg.train.epochs})"
+        )
+    if cfg.dist.zero_stage and cfg.dist.backend != "deepspeed":
+        raise UserError(
+            f"'dist.zero_stage={cfg.dist.zero_stage}' needs 'dist.backend=deepspeed' "
+            f"(got '{cfg.dist.backend}')"
         )
     if cfg.optim.warmup_epochs > cfg.train.epochs:
         raise UserError(

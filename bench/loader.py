@@ -260,6 +260,7 @@ def profile_stages(shards: Path, folder: Path, n: int, batch_size: int) -> dict:
     from abdist.data import loader as L
     from abdist.data.augment import AugmentTable, ClassAwareAugment, RandomCropFlip
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     manifest = json.loads((shards / "manifest.json").read_text())
     path = str(shards / manifest["splits"]["train"]["shards"][0]["name"])
@@ -333,7 +334,7 @@ def profile_stages(shards: Path, folder: Path, n: int, batch_size: int) -> dict:
     stages = ("tar_read", "decode_torchvision", "collate_to_float", "crop_flip_batched")
     stages += ("class_aware_chain_batched", "normalise_batched")
     out["abdist_total"] = sum(out[k] for k in stages)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     return {k: round(v, 1) for k, v in out.items()}
 
 
@@ -453,10 +454,6 @@ def main(argv=None) -> dict:
         steady = [runs[k]["steady_images_per_s"] for k in ("abdist_wds", "torchvision")]
         if all(steady):
             result["ratio_wds_vs_torchvision_steady"] = round(steady[0] / steady[1], 2)
-        result["profile_us_per_image"] = profile_stages(
-            shards, folder, min(2560, len(pairs)), args.batch_size
-        )
-        log(f"profile (us/image, one core): {result['profile_us_per_image']}")
         if steps > 0:
             keep = resnet32_keep_up(split, steps, args.batch_size)
             # The loader keeps up if training fed by it runs within 10 % of training on a batch
@@ -465,6 +462,12 @@ def main(argv=None) -> dict:
             result["resnet32"] = keep
             log(f"ResNet-32: {keep}")
         result["bad_sample_counts"] = split.bad_sample_counts
+        # Last: it sets torch's thread count to 1 and back, and on this machine (torch 2.14.1)
+        # a process that did that trains ResNet-32 ~8x slower afterwards.
+        result["profile_us_per_image"] = profile_stages(
+            shards, folder, min(2560, len(pairs)), args.batch_size
+        )
+        log(f"profile (us/image, one core): {result['profile_us_per_image']}")
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result))

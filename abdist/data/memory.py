@@ -65,6 +65,8 @@ class TensorSplit:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
         augment: Augment | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(x, y)`` batches covering the split once.
 
@@ -72,7 +74,17 @@ class TensorSplit:
         ``generator``, so the same generator state reproduces the same batches; with
         ``generator=None`` torch's global RNG is used. Without ``drop_last`` the last batch may be
         smaller and every sample appears exactly once.
+
+        Several ranks (``world_size > 1``): ``batch_size`` is the GLOBAL batch. Every rank draws
+        the same permutation (pass generators in the same state, e.g. seeded by (seed, epoch)),
+        cuts it into the same global batches, and yields its own contiguous slice
+        ``[rank·n/W, (rank+1)·n/W)`` of each one: disjoint across ranks, the same number of batches
+        on every rank, and ``batch_size / world_size`` samples each when it divides. The
+        augmentation is drawn for the whole global batch and then sliced, so its randomness (and
+        hence the run) does not depend on the number of ranks; that costs W× the (cheap) tensor
+        augmentation per rank, and is what makes 2 ranks × B/2 reproduce 1 rank × B.
         """
+        _check_rank(rank, world_size)
         n_batches = self.num_batches(batch_size, drop_last)
         n = len(self)
         if shuffle:
@@ -83,14 +95,36 @@ class TensorSplit:
             order = None
         for b in range(n_batches):
             start, stop = b * batch_size, min((b + 1) * batch_size, n)
+            lo, hi = _rank_slice(stop - start, rank, world_size)
+            if augment is None:  # only this rank's samples are ever gathered
+                start, stop, lo, hi = start + lo, start + hi, 0, hi - lo
             if order is None:
                 x, y = self.images[start:stop], self.labels[start:stop]
             else:
                 idx = order[start:stop]
                 x, y = self.images[idx], self.labels[idx]
             if augment is not None:
-                x = augment(x, generator, y)
+                x = augment(x, generator, y)[lo:hi]
+                y = y[lo:hi]
             yield x, y
+
+    def shard(self, rank: int, world_size: int) -> TensorSplit:
+        """This rank's contiguous slice of the split, for evaluation: every sample is in exactly
+        one rank's shard (no padding, no duplicates), so per-rank confusion matrices sum to the
+        exact one. Shards differ in size by at most one sample."""
+        _check_rank(rank, world_size)
+        lo, hi = _rank_slice(len(self), rank, world_size)
+        groups = None if self.groups is None else self.groups[lo:hi]
+        return TensorSplit(self.images[lo:hi], self.labels[lo:hi], groups)
+
+
+def _rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
 
 def _check_batch_size(batch_size: int) -> None:

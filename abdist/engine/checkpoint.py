@@ -2,11 +2,18 @@
 
 Layout under <run>/checkpoints/: `epoch-000007.pt` files and a text file `latest` naming the newest.
 The pointer is rewritten only after the checkpoint itself has been renamed into place.
+
+With several ranks only rank 0 writes (`writer=True`): the epoch file holds what every rank
+shares (model, optimiser, schedule, alpha) plus the RNG state of EVERY rank (gathered first), so
+each rank can continue its own random stream. DeepSpeed's per-rank optimiser partitions live in
+`deepspeed/epoch-000007/`, written by all ranks before rank 0 writes the epoch file that names
+them, and pruned with it.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +44,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointDir:
-    def __init__(self, root: str | Path, keep: int = 2):
+    def __init__(self, root: str | Path, keep: int = 2, writer: bool = True):
         self.root = Path(root)
         self.keep = keep
+        self.writer = writer
 
     def save(self, epoch: int, state: dict[str, Any]) -> Path:
         path = self.root / f"epoch-{epoch:06d}.pt"
+        if not self.writer:
+            return path
         atomic_write(path, lambda f: torch.save(state, f), mode="wb")
         write_text(self.root / "latest", path.name + "\n")
         self._prune()
@@ -66,3 +76,4 @@ class CheckpointDir:
         files = sorted(self.root.glob("epoch-*.pt"))
         for old in files[: max(0, len(files) - self.keep)]:
             old.unlink(missing_ok=True)
+            shutil.rmtree(self.root / "deepspeed" / old.stem, ignore_errors=True)

@@ -6,6 +6,12 @@
 
 Resume is exact because every source of randomness is either restored from the checkpoint (global
 RNGs, optimiser and schedule state) or derived from (seed, epoch) alone (batch order, augmentation).
+
+The same function runs on every rank of a torchrun / Slurm job (dist.backend=ddp|deepspeed): the
+distributed details live in abdist.engine.dist (`dist` = where this rank is and its collectives,
+`engine` = the wrapped model's forward/backward/step). Each rank trains on its slice of every
+global batch, evaluates its slice of each split (confusion matrices summed), and only rank 0
+writes files.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 from abdist.config import Config, config_from_dict
 from abdist.data import build_augment, build_data
 from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
+from abdist.engine.dist import init_dist, sync_batchnorm, wrap
 from abdist.errors import UserError
 from abdist.io import write_json, write_text
 from abdist.losses import ParametricLoss, build_loss_spec
@@ -68,14 +75,6 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 
 # --- setup helpers ------------------------------------------------------------------------------
-
-
-def _device(cfg: Config) -> torch.device:
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -136,15 +135,18 @@ def train(
     `merge_val`: train on train+val (the retrain phase); validation metrics are then not logged.
     """
     run_dir = Path(run_dir)
+    dist = init_dist(cfg)  # torchrun / Slurm / one process; the process group; this rank's device
+    dist.check_same_config(cfg.to_dict(), str(run_dir))
     _check_resumable(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
 
     if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+        torch.set_num_threads(dist.threads(cfg.train.threads))
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
-    torch.manual_seed(cfg.train.seed)
-    device = _device(cfg)
+    torch.manual_seed(cfg.train.seed)  # the same on every rank: identical model initialisation
+    device = dist.device
     autocast = _autocast(cfg, device)
 
     data = build_data(cfg.data)
@@ -158,6 +160,9 @@ def train(
         image_size=data.image_size,
         head=cfg.model.head,
     ).to(device)
+    if cfg.dist.sync_bn and dist.world_size > 1:
+        model = sync_batchnorm(model, device)
+    torch.manual_seed(cfg.train.seed + dist.rank)  # per-rank stream for anything drawn from here on
     lc = cfg.loss
     spec = build_loss_spec(
         lc.name,
@@ -170,13 +175,14 @@ def train(
         drw_beta=lc.drw_beta,
     )
     if cfg.method.name == "autobalance":
-        method = AutoBalance(cfg, data, spec, augment, device, frozen=frozen_alpha)
+        method = AutoBalance(cfg, data, spec, augment, device, frozen=frozen_alpha, comm=dist)
         augment = method.train_augment()
     else:
         method = ERM(ParametricLoss(spec).to(device))
     optimizer = build_optimizer(model.parameters(), cfg.optim)
 
-    B, accum = cfg.train.batch_size, cfg.train.grad_accum
+    B, accum = cfg.train.batch_size, cfg.train.grad_accum  # B is the global batch
+    engine = wrap(model, optimizer, dist, cfg, micro_batch=dist.local_batch(B))
     batches_per_epoch = data.train.num_batches(B, drop_last=True) or 1
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -187,81 +193,98 @@ def train(
         ),
     )
 
-    ckpts = CheckpointDir(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-    log = JsonlLogger(run_dir / "log.jsonl" if cfg.tracking.backend == "jsonl" else None)
+    ckpts = CheckpointDir(
+        run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, writer=dist.is_main
+    )
+    jsonl = cfg.tracking.backend == "jsonl" and dist.is_main
+    log = JsonlLogger(run_dir / "log.jsonl" if jsonl else None)
     start_epoch, best = 0, {"epoch": -1, "val_balanced_error": math.inf}
     best_weights = None
     state = ckpts.load_latest()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        engine.load_state_dict(state, ckpts.root)  # model + optimiser (DeepSpeed: its own files)
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
-        set_rng_state(state["rng"])
+        set_rng_state(dist.pick_rng(state["rng"]))
         start_epoch, best = state["epoch"] + 1, state["best"]
         best_weights = state.get("best_weights")
         log.truncate_after(start_epoch)  # log epochs are 1-based: keep the finished ones
-        print(f"resuming {run_dir} from epoch {start_epoch}")
+        if dist.is_main:
+            print(f"resuming {run_dir} from epoch {start_epoch}")
     else:
         log.truncate_after(0)
+
+    # Evaluation: every rank scores its own slice of the split; the confusion matrices are summed,
+    # so each sample counts exactly once. The bare module: no gradient sync, uneven slices are fine.
+    def evaluate_split(split):
+        conf = evaluate(
+            engine.module,
+            split.shard(dist.rank, dist.world_size),
+            num_classes=data.num_classes,
+            batch_size=cfg.train.eval_batch_size,
+            device=device,
+            autocast=autocast,
+        )
+        return dist.all_reduce_sum(conf)
 
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
-        model.train()
+        engine.model.train()
         method.on_epoch_start(epoch)
         gen = _epoch_generator(cfg.train.seed, epoch)
         batches = data.train.batches(
-            B, shuffle=True, generator=gen, drop_last=True, augment=augment
+            B,
+            shuffle=True,
+            generator=gen,
+            drop_last=True,
+            augment=augment,
+            rank=dist.rank,  # this rank's slice of every global batch of B
+            world_size=dist.world_size,
         )
         total_loss, seen, hyper = 0.0, 0, {}
-        optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
         bar = progress(
             batches,
             total=batches_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            mode=cfg.tracking.progress,
+            mode=cfg.tracking.progress if dist.is_main else "never",
         )
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                loss = method.training_loss(model, x, y)
-            if not torch.isfinite(loss):
-                last = ckpts.latest()
-                kept = f"last good checkpoint kept at {last}" if last else "no checkpoint yet"
-                raise TrainingDiverged(
-                    f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, "
-                    f"batch {i + 1}; "
-                    f"{kept}; lower optim.lr or use train.precision=fp32"
-                )
-            (loss / accum).backward()
+            last_micro = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
+            with engine.grad_sync(last_micro):
+                with autocast:
+                    loss = method.training_loss(engine.model, x, y)
+                if not torch.isfinite(loss):
+                    last = ckpts.latest()
+                    kept = f"last good checkpoint kept at {last}" if last else "no checkpoint yet"
+                    raise TrainingDiverged(
+                        f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, "
+                        f"batch {i + 1}; "
+                        f"{kept}; lower optim.lr or use train.precision=fp32"
+                    )
+                engine.backward(loss / accum)
             total_loss += loss.item() * len(y)
             seen += len(y)
-            if (i + 1) % accum == 0 or i + 1 == batches_per_epoch:
-                optimizer.step()
+            if last_micro:
+                engine.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                hyper = method.after_step(step, model) or hyper
+                # The hyper step differentiates twice: on the bare module, never through DDP.
+                hyper = method.after_step(step, engine.module) or hyper
                 step += 1
 
+        engine.sync_buffers()  # BatchNorm statistics: the same on every rank before eval/save
         record = {
             "epoch": epoch + 1,
             "step": step,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": total_loss / max(1, seen),
+            "train_loss": dist.mean_over_samples(total_loss, seen),
         }
         record.update({f"last_{k}": v for k, v in hyper.items()})
         val = None
         if len(data.val):
-            val_conf = evaluate(
-                model,
-                data.val,
-                num_classes=data.num_classes,
-                batch_size=cfg.train.eval_batch_size,
-                device=device,
-                autocast=autocast,
-            )
-            val = class_metrics(val_conf)
+            val = class_metrics(evaluate_split(data.val))
             record.update(
                 val_accuracy=val["accuracy"],
                 val_balanced_error=val["balanced_error"],
@@ -274,31 +297,25 @@ def train(
             if cfg.train.select == "best_val":
                 # Kept inside the checkpoint, so the best weights and the epoch they came from are
                 # always written together (a kill between two files could not desync them).
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_weights = {
+                    k: v.detach().clone() for k, v in engine.module.state_dict().items()
+                }
         ckpts.save(
             epoch,
             {
                 "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                **engine.state_dict(ckpts.root, epoch),
                 "scheduler": scheduler.state_dict(),
                 "method": method.state_dict(),
-                "rng": rng_state(),
+                "rng": dist.all_gather_object(rng_state()),  # every rank's own stream
                 "best": best,
                 "best_weights": best_weights,
             },
         )
 
     if cfg.train.select == "best_val" and best_weights is not None:
-        model.load_state_dict(best_weights)
-    test_conf = evaluate(
-        model,
-        data.test,
-        num_classes=data.num_classes,
-        batch_size=cfg.train.eval_batch_size,
-        device=device,
-        autocast=autocast,
-    )
+        engine.module.load_state_dict(best_weights)
+    test_conf = evaluate_split(data.test)
     metrics = class_metrics(
         test_conf,
         class_counts=data.class_counts,
@@ -315,6 +332,8 @@ def train(
         confusion_matrix=test_conf.tolist(),
     )
     params = method.loss_params()
-    write_json(run_dir / "alpha.json", {"class_counts": list(data.class_counts), **params})
-    write_json(run_dir / "metrics.json", metrics)
+    if dist.is_main:
+        write_json(run_dir / "alpha.json", {"class_counts": list(data.class_counts), **params})
+        write_json(run_dir / "metrics.json", metrics)
+    dist.barrier()  # no rank leaves before rank 0's files exist (a retrain reads alpha.json)
     return metrics

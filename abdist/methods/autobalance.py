@@ -62,10 +62,20 @@ def _expand(D: Tensor, a: dict[str, Tensor], fixed: dict[str, Tensor | None]) ->
 class AutoBalance:
     name = "autobalance"
 
-    def __init__(self, cfg, data, spec: LossSpec, base_augment, device, frozen: dict | None = None):
-        """`frozen`: per-class vectors from a finished search (retrain phase): no hyper steps."""
+    def __init__(
+        self, cfg, data, spec: LossSpec, base_augment, device, frozen: dict | None = None, comm=None
+    ):
+        """`frozen`: per-class vectors from a finished search (retrain phase): no hyper steps.
+
+        `comm` (several ranks; abdist.engine.dist.Dist): `rank`, `world_size` and the coordinator's
+        collectives `reduce_mean` / `broadcast`. Each rank then computes its hypergradient on its
+        own slice of the validation batches, and one all-reduce + one broadcast of the K subspace
+        numbers per hyper step make every rank agree, whatever the model size.
+        """
         self.cfg, self.m, self.data, self.spec = cfg, cfg.method, data, spec
         self.base_augment, self.device = base_augment, device
+        self.rank, self.world_size = (comm.rank, comm.world_size) if comm else (0, 1)
+        collectives = {"reduce": comm.reduce_mean, "broadcast": comm.broadcast} if comm else {}
         self.epoch = 0
         C = data.num_classes
         self.tune = [] if frozen is not None else [t for t in TUNABLE if t in self.m.tune]
@@ -100,6 +110,7 @@ class AutoBalance:
                 lr=self.m.upper_lr,
                 momentum=self.m.upper_momentum,
                 clip=self.m.clip,
+                **collectives,
             )
         # Read by the class-aware augment at every batch; updated in place after each hyper step.
         self.aug_prob = torch.ones(C)
@@ -191,12 +202,28 @@ class AutoBalance:
         if self.current["aug"] is not None:
             self.aug_prob.copy_(self.current["aug"].detach().cpu())
 
-    def _sample_batches(self, split, step: int, augment: bool):
-        """`hyper_batches` batches drawn with a generator seeded by (seed, step): resumable."""
+    def _sample_batches(self, split, step: int, augment: bool, shard: bool = False):
+        """`hyper_batches` batches drawn with a generator seeded by (seed, step): resumable.
+
+        The draw is the same on every rank. `shard` (validation): this rank keeps its slice of
+        each batch, so the ranks' slices together are the batches one process would use. Training
+        batches are NOT sharded: every rank builds the same Hessian, so the mean of the ranks'
+        hypergradients is exactly the hypergradient of the mean of their validation losses (a
+        mean of inverses of per-rank Hessians would be a biased, noisier estimate), unless
+        dist.hyper_shard=train_val trades that for 1/W of the Hessian work.
+        """
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
         B = self.cfg.train.batch_size
+        rank, world = (self.rank, self.world_size) if shard else (0, 1)
         xs, xas, ys = [], [], []
-        for x, y in split.batches(B, shuffle=True, generator=gen, drop_last=len(split) >= B):
+        for x, y in split.batches(
+            B,
+            shuffle=True,
+            generator=gen,
+            drop_last=len(split) >= B,
+            rank=rank,
+            world_size=world,
+        ):
             xs.append(x)
             ys.append(y)
             if augment:
@@ -231,8 +258,9 @@ class AutoBalance:
 
     def hyper_step(self, model, step: int) -> dict:
         tune_aug = "aug" in self.tune
-        x_tr, x_aug, y_tr = self._sample_batches(self.data.train, step, tune_aug)
-        x_val, _, y_val = self._sample_batches(self.data.val, step + 1, False)
+        shard_train = self.cfg.dist.hyper_shard == "train_val"
+        x_tr, x_aug, y_tr = self._sample_batches(self.data.train, step, tune_aug, shard_train)
+        x_val, _, y_val = self._sample_batches(self.data.val, step + 1, False, shard=True)
         was_training = model.training
         model.eval()  # BatchNorm reads running statistics and writes nothing
         try:

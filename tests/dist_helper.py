@@ -1,0 +1,115 @@
+"""`python -m abdist` with test instrumentation, for runs under torchrun (not a test module).
+
+    torchrun ... tests/dist_helper.py train CONFIG --out DIR overrides...
+
+Environment switches (all optional):
+  ABDIST_TEST_RECORD=DIR   record every Python-level torch.distributed collective (op, element
+                           count, bytes, whether a hyper step was running) and alpha_sub after
+                           every hyper step; written to DIR/rank<r>.json at exit.
+  ABDIST_TEST_DIE=R:S      rank R calls os._exit(17) right after optimiser step S of the first
+                           phase, on the first attempt only (TORCHELASTIC_RESTART_COUNT=0), so a
+                           torchrun --max-restarts=1 job recovers.
+  ABDIST_TEST_RANK1_ARGS   extra arguments for rank 1 only (a rank launched with another config).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+rank = int(os.environ.get("RANK", "0"))
+argv = sys.argv[1:]
+if rank == 1 and os.environ.get("ABDIST_TEST_RANK1_ARGS"):
+    argv += os.environ["ABDIST_TEST_RANK1_ARGS"].split()
+
+record_dir = os.environ.get("ABDIST_TEST_RECORD")
+if record_dir:
+    import torch.distributed as tdist
+    import torch.distributed.distributed_c10d as c10d
+
+    from abdist.methods.autobalance import AutoBalance
+
+    calls, alphas, state = [], [], {"hyper": False, "depth": 0}
+
+    def recorded(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if state["depth"] == 0:  # only the outermost call (all_gather_object -> all_gather)
+                t = args[0] if args else None
+                if isinstance(t, list):
+                    t = t[0] if t and hasattr(t[0], "numel") else None
+                numel = int(t.numel()) if hasattr(t, "numel") else None
+                calls.append(
+                    {
+                        "op": name,
+                        "hyper": state["hyper"],
+                        "numel": numel,
+                        "bytes": numel * t.element_size() if numel is not None else None,
+                        "dtype": str(t.dtype) if hasattr(t, "dtype") else None,
+                    }
+                )
+            state["depth"] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                state["depth"] -= 1
+
+        return wrapper
+
+    for name in (
+        "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object",
+        "reduce", "reduce_scatter", "reduce_scatter_tensor", "broadcast_object_list", "gather",
+        "gather_object", "scatter", "all_to_all", "all_to_all_single", "barrier", "send", "recv",
+        "isend", "irecv", "monitored_barrier",
+    ):  # fmt: skip
+        if hasattr(c10d, name):
+            wrapped = recorded(name, getattr(c10d, name))
+            setattr(c10d, name, wrapped)
+            setattr(tdist, name, wrapped)
+
+    original_hyper_step = AutoBalance.hyper_step
+
+    def hyper_step(self, model, step):
+        state["hyper"] = True
+        try:
+            out = original_hyper_step(self, model, step)
+        finally:
+            state["hyper"] = False
+        alpha = {k: v.detach().cpu().tolist() for k, v in self.coordinator.alpha_sub.items()}
+        alphas.append({"step": step, "alpha": alpha})
+        return out
+
+    AutoBalance.hyper_step = hyper_step
+
+    def dump():
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(record_dir) / f"rank{rank}.json"
+        path.write_text(json.dumps({"calls": calls, "alphas": alphas}))
+
+    atexit.register(dump)
+
+die = os.environ.get("ABDIST_TEST_DIE")
+if die and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    die_rank, die_step = map(int, die.split(":"))
+    if rank == die_rank:
+        from abdist.methods.autobalance import AutoBalance
+        from abdist.methods.erm import ERM
+
+        def dying(original):
+            def after_step(self, step, model):
+                if step == die_step:
+                    os._exit(17)  # no cleanup, no message: as a crashed or OOM-killed process
+                return original(self, step, model)
+
+            return after_step
+
+        ERM.after_step = dying(ERM.after_step)
+        AutoBalance.after_step = dying(AutoBalance.after_step)
+
+from abdist.cli import main  # noqa: E402
+
+sys.exit(main(argv))
