@@ -37,6 +37,7 @@ from abdist.methods.erm import ERM
 from abdist.metrics import ConfusionAccumulator, class_metrics
 from abdist.models import create_model
 from abdist.tracking import JsonlLogger, progress
+from abdist.wandb_tracking import make_tracker
 
 
 class TrainingDiverged(UserError):
@@ -196,7 +197,8 @@ def train(
     ckpts = CheckpointDir(
         run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, writer=dist.is_main
     )
-    jsonl = cfg.tracking.backend == "jsonl" and dist.is_main
+    # log.jsonl stays the durable record with wandb too (the resume logic trims it).
+    jsonl = cfg.tracking.backend in ("jsonl", "wandb") and dist.is_main
     log = JsonlLogger(run_dir / "log.jsonl" if jsonl else None)
     start_epoch, best = 0, {"epoch": -1, "val_balanced_error": math.inf}
     best_weights = None
@@ -213,6 +215,7 @@ def train(
             print(f"resuming {run_dir} from epoch {start_epoch}")
     else:
         log.truncate_after(0)
+    tracker = make_tracker(cfg, run_dir, rank=dist.rank)  # W&B on rank 0, else a no-op
 
     # Evaluation: every rank scores its own slice of the split; the confusion matrices are summed,
     # so each sample counts exactly once. The bare module: no gradient sync, uneven slices are fine.
@@ -292,6 +295,7 @@ def train(
             )
         record["seconds"] = round(time.perf_counter() - t0, 3)
         log.log(record)
+        tracker.log(record)
         if val is not None and val["balanced_error"] < best["val_balanced_error"]:
             best = {"epoch": epoch, "val_balanced_error": val["balanced_error"]}
             if cfg.train.select == "best_val":
@@ -333,7 +337,10 @@ def train(
     )
     params = method.loss_params()
     if dist.is_main:
-        write_json(run_dir / "alpha.json", {"class_counts": list(data.class_counts), **params})
+        alpha = {"class_counts": list(data.class_counts), **params}
+        write_json(run_dir / "alpha.json", alpha)
         write_json(run_dir / "metrics.json", metrics)
+        tracker.log_summary(metrics, alpha)
+    tracker.finish()
     dist.barrier()  # no rank leaves before rank 0's files exist (a retrain reads alpha.json)
     return metrics
