@@ -6,6 +6,7 @@ A user error is one line on stderr and exit code 2 (3 for a diverged run); never
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -146,8 +147,9 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.train.name
     metrics = run(cfg, run_dir)
-    print(format_table([metrics]))
-    print(f"wrote {run_dir}/metrics.json")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(format_table([metrics]))
+        print(f"wrote {run_dir}/metrics.json")
     return 0
 
 
