@@ -94,6 +94,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from abdist.data.loader import _draw_seed, _resolve_rank, image_settings
 from abdist.data.shards import Record, read_manifest, sha256_file
 from abdist.errors import UserError
 
@@ -378,24 +379,9 @@ class FFCVSplit:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
-        image = manifest.get("image") or {}
-        channels = int(image.get("channels") or 3)
-        if channels not in (1, 3):
-            raise UserError(f"{root}/manifest.json: image.channels must be 1 or 3, got {channels}")
-        size = image_size if image_size is not None else image.get("size")
-        if size is None:
-            raise UserError(
-                f"{root}: the manifest has no fixed image.size; pass image_size= to resize to"
-            )
-        num_classes = int(manifest["num_classes"])
-        if augment is not None and getattr(augment, "num_classes", num_classes) != num_classes:
-            raise UserError(
-                f"augment is built for {augment.num_classes} classes, the data has {num_classes}"
-            )
-        mean = _per_channel("mean", mean if mean is not None else image.get("mean", 0.5), channels)
-        std = _per_channel("std", std if std is not None else image.get("std", 0.5), channels)
-        if any(s <= 0 for s in std):
-            raise UserError(f"std must be positive, got {list(std)}")
+        channels, size, num_classes, mean, std = image_settings(
+            root, manifest, image_size=image_size, mean=mean, std=std, augment=augment
+        )
 
         self.root, self.split, self.manifest = root, split, manifest
         self.num_workers, self.os_cache, self.batches_ahead = num_workers, os_cache, batches_ahead
@@ -727,33 +713,3 @@ def _cpu_count() -> int:
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-
-
-def _draw_seed(generator: torch.Generator | None) -> int:
-    device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
-
-
-def _per_channel(name: str, value: Any, channels: int) -> tuple[float, ...]:
-    if isinstance(value, (int, float)):
-        values = [float(value)] * channels
-    else:
-        values = list(map(float, value))
-    if len(values) != channels or not all(math.isfinite(v) for v in values):
-        raise UserError(f"{name} must be one finite number per channel ({channels}), got {value!r}")
-    return tuple(values)
-
-
-def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    dist = torch.distributed
-    live = dist.is_available() and dist.is_initialized()
-    if rank is None:
-        rank = dist.get_rank() if live else 0
-    if world_size is None:
-        world_size = dist.get_world_size() if live else 1
-    for name, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{name} must be an integer, got {value!r}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise UserError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size

@@ -701,24 +701,9 @@ class ShardSplit:
                 f"{root}/manifest.json: split '{split}' declares {declared} samples but its "
                 f"shards hold {total}"
             )
-        image = manifest.get("image") or {}
-        channels = int(image.get("channels") or 3)
-        if channels not in (1, 3):
-            raise UserError(f"{root}/manifest.json: image.channels must be 1 or 3, got {channels}")
-        size = image_size if image_size is not None else image.get("size")
-        if size is None:
-            raise UserError(
-                f"{root}: the manifest has no fixed image.size; pass image_size= to resize to"
-            )
-        num_classes = int(manifest["num_classes"])
-        if augment is not None and getattr(augment, "num_classes", num_classes) != num_classes:
-            raise UserError(
-                f"augment is built for {augment.num_classes} classes, the shards have {num_classes}"
-            )
-        mean = _per_channel("mean", mean if mean is not None else image.get("mean", 0.5), channels)
-        std = _per_channel("std", std if std is not None else image.get("std", 0.5), channels)
-        if any(s <= 0 for s in std):
-            raise UserError(f"std must be positive, got {list(std)}")
+        channels, size, num_classes, mean, std = image_settings(
+            root, manifest, image_size=image_size, mean=mean, std=std, augment=augment
+        )
 
         self.root, self.split, self.manifest = root, split, manifest
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -951,3 +936,29 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size
+
+
+def image_settings(root, manifest: dict, *, image_size, mean, std, augment):
+    """(channels, size, num_classes, mean, std) from a manifest and the caller's overrides.
+
+    Shared by every shard reader (WebDataset, FFCV) so they agree on shapes and normalisation.
+    """
+    image = manifest.get("image") or {}
+    channels = int(image.get("channels") or 3)
+    if channels not in (1, 3):
+        raise UserError(f"{root}/manifest.json: image.channels must be 1 or 3, got {channels}")
+    size = image_size if image_size is not None else image.get("size")
+    if size is None:
+        raise UserError(
+            f"{root}: the manifest has no fixed image.size; pass image_size= to resize to"
+        )
+    num_classes = int(manifest["num_classes"])
+    if augment is not None and getattr(augment, "num_classes", num_classes) != num_classes:
+        raise UserError(
+            f"augment is built for {augment.num_classes} classes, the data has {num_classes}"
+        )
+    mean = _per_channel("mean", mean if mean is not None else image.get("mean", 0.5), channels)
+    std = _per_channel("std", std if std is not None else image.get("std", 0.5), channels)
+    if any(s <= 0 for s in std):
+        raise UserError(f"std must be positive, got {list(std)}")
+    return channels, int(size), num_classes, mean, std
