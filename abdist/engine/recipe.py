@@ -25,6 +25,9 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         if cfg.method.name != "autobalance" or not cfg.method.retrain:
             return train(cfg, run_dir)
         dist = init_dist(cfg)
+        # Compare the ranks' configs first: a rank with a different config would otherwise race
+        # rank 0's config.yaml and report a misleading "different config in the run dir".
+        dist.check_same_config(cfg.to_dict(), str(run_dir))
         _check_resumable(run_dir, cfg)
         if dist.is_main:  # every rank runs the recipe; one writes the shared files
             run_dir.mkdir(parents=True, exist_ok=True)
