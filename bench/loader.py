@@ -8,8 +8,9 @@
     same JPEG bytes, with the same crop + flip (``RandomCropFlip``) AND the class-aware
     RandAugment-style chain (``ClassAwareAugment``; per-class probability 0.2 .. 0.8, magnitude
     0.5), i.e. strictly more work per image than (a).
-(c) ``ffcv``: reported as null with a reason unless the ``ffcv`` package and an FFCV pipeline for
-    it exist.
+(c) ``ffcv``: :class:`abdist.data.ffcv_backend.FFCVSplit` over a ``.beton`` of the same JPEG
+    bytes with the same augmentation (two epochs: the first includes numba's JIT); null, with the
+    reason, when the ``ffcv`` extra is not installed.
 
 Each pipeline runs one shuffled epoch of full batches with the same worker count; images/s is
 over the whole epoch, worker start-up included (``steady_images_per_s`` leaves out the first 5
@@ -383,6 +384,17 @@ def resnet32_keep_up(split, steps: int, batch_size: int) -> dict:
     }
 
 
+def keep_up_in_fresh_process(shards: Path, workers: int, steps: int, batch_size: int) -> dict:
+    """:func:`resnet32_keep_up` in a new interpreter, so that training speed does not depend on
+    what this process ran before (FFCV's numba threads, three loaders' worth of allocations)."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--keep-up", str(shards), "--workers", str(workers)]
+    cmd += ["--train-steps", str(steps), "--batch-size", str(batch_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -394,7 +406,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=2500)
     parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--keep-up", default=None, help=argparse.SUPPRESS)  # internal
     args = parser.parse_args(argv)
+    if args.keep_up:  # the child of keep_up_in_fresh_process
+        split = abdist_split(Path(args.keep_up), args.workers)
+        print(json.dumps(resnet32_keep_up(split, args.train_steps, args.batch_size)))
+        return {}
 
     per_class = 1000 if args.quick else None
     steps = args.train_steps if args.train_steps is not None else (4 if args.quick else 20)
@@ -455,19 +472,23 @@ def main(argv=None) -> dict:
         if all(steady):
             result["ratio_wds_vs_torchvision_steady"] = round(steady[0] / steady[1], 2)
         if steps > 0:
-            keep = resnet32_keep_up(split, steps, args.batch_size)
+            keep = keep_up_in_fresh_process(shards, args.workers, steps, args.batch_size)
             # The loader keeps up if training fed by it runs within 10 % of training on a batch
             # already in memory (on 2 cores, workers and training share the CPU).
             keep["keeps_up"] = keep["slowdown"] < 0.10
             result["resnet32"] = keep
             log(f"ResNet-32: {keep}")
         result["bad_sample_counts"] = split.bad_sample_counts
-        # Last: it sets torch's thread count to 1 and back, and on this machine (torch 2.14.1)
-        # a process that did that trains ResNet-32 ~8x slower afterwards.
+        # Last, since it runs with one thread (as a worker would) and then restores the count.
         result["profile_us_per_image"] = profile_stages(
             shards, folder, min(2560, len(pairs)), args.batch_size
         )
         log(f"profile (us/image, one core): {result['profile_us_per_image']}")
+        # A load-independent keep-up figure: the share of this machine's cores the loader's
+        # measured per-image work takes when feeding ResNet-32 at its best rate here (bf16,
+        # ~640 img/s per notes/calibration.md).
+        cpu = result["profile_us_per_image"]["abdist_total"] * 640 / 1e6 / (os.cpu_count() or 1)
+        result["loader_cpu_share_at_640_img_s"] = round(cpu, 3)
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result))
