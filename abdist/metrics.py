@@ -33,6 +33,19 @@ __all__ = [
 ]
 
 
+# The scalar test metrics every run writes into metrics.json (what trackers and sweeps read).
+SCALAR_METRICS = (
+    "accuracy",
+    "balanced_error",
+    "worst_class_recall",
+    "gmean_recall",
+    "hmean_recall",
+    "many_shot_accuracy",
+    "medium_shot_accuracy",
+    "few_shot_accuracy",
+)
+
+
 def _as_index_tensor(x: Any, what: str) -> torch.Tensor:
     """`x` as a flat int64 tensor; rejects floats so logits are never silently truncated."""
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)

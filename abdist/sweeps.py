@@ -42,8 +42,9 @@ from typing import Any
 
 import yaml
 
-from abdist.config import Config, all_keys, load_config, set_key
+from abdist.config import Config, _suggest, all_keys, load_config, set_key
 from abdist.errors import UserError
+from abdist.metrics import SCALAR_METRICS
 
 METHODS = ("grid", "random", "bayes")
 SPEC_KEYS = (
@@ -77,14 +78,7 @@ LOCAL_DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "log
 PARAM_KEYS = ("value", "values", "distribution", "min", "max", "mu", "sigma", "q", "probabilities")
 # Numbers a trial produces: metrics.json's and log.jsonl's.
 METRICS = (
-    "accuracy",
-    "balanced_error",
-    "worst_class_recall",
-    "gmean_recall",
-    "hmean_recall",
-    "many_shot_accuracy",
-    "medium_shot_accuracy",
-    "few_shot_accuracy",
+    *SCALAR_METRICS,
     "val_accuracy",
     "val_balanced_error",
     "val_worst_class_recall",
@@ -93,10 +87,7 @@ METRICS = (
 
 
 def _closest(word: str, options) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return _suggest(word, list(options))
 
 
 # --- the spec -------------------------------------------------------------------------------------

@@ -34,18 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from abdist.errors import UserError
+from abdist.metrics import SCALAR_METRICS
 
-SCALAR_METRICS = (
-    "accuracy",
-    "balanced_error",
-    "worst_class_recall",
-    "gmean_recall",
-    "hmean_recall",
-    "many_shot_accuracy",
-    "medium_shot_accuracy",
-    "few_shot_accuracy",
-    "selected_epoch",
-)
+SUMMARY_KEYS = (*SCALAR_METRICS, "selected_epoch")
 ALPHA_KEYS = ("w", "l", "delta", "margin", "aug")
 
 
@@ -158,7 +149,7 @@ class WandbTracker:
         `report_files=None` draws them here (abdist.report.plot_runs into RUN/report).
         """
         wandb = self._wandb
-        for key in SCALAR_METRICS:
+        for key in SUMMARY_KEYS:
             if _is_number(metrics.get(key)):
                 self.run.summary[key] = metrics[key]
         for key, value in (metrics.get("search") or {}).items():
