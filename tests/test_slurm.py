@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit.core.utils
 
 from tests.conftest import REPO, run_cli
 
@@ -195,17 +196,26 @@ def test_preempted_job_requeues_and_matches_uninterrupted_run(slurm_cluster, ce_
          *overrides],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    out = tmp_path / "preempted"
-    # timeout_min >= 60: with short limits submitit counts the signal as a timeout.
-    [s] = _launch_api(ce_config, out, overrides, time_min=60)
-    log = out / "log.jsonl"
-    deadline = time.time() + 300
-    while not (log.is_file() and log.read_text().strip()):  # at least one epoch checkpointed
-        assert time.time() < deadline, "the job never logged an epoch"
-        assert not s.job.done(), "the job finished before it could be interrupted"
-        time.sleep(0.1)
-    s.job._interrupt()  # preemption: SIGTERM, then submitit's USR2 -> checkpoint() -> requeue
-    result = s.job.result()
+    for attempt in range(2):
+        out = tmp_path / f"preempted{attempt}"
+        # timeout_min >= 60: with short limits submitit counts the signal as a timeout.
+        [s] = _launch_api(ce_config, out, overrides, time_min=60)
+        log = out / "log.jsonl"
+        deadline = time.time() + 300
+        while not (log.is_file() and log.read_text().strip()):  # at least one epoch checkpointed
+            assert time.time() < deadline, "the job never logged an epoch"
+            assert not s.job.done(), "the job finished before it could be interrupted"
+            time.sleep(0.1)
+        s.job._interrupt()  # preemption: SIGTERM, then submitit's USR2 -> checkpoint() -> requeue
+        try:
+            result = s.job.result()
+            break
+        except submitit.core.utils.FailedJobError as exc:
+            # Known upstream race (seen 1 run in ~5 here): Slurm's requeue SIGTERMs the job's
+            # processes, including the `scontrol requeue` that submitit is still waiting on.
+            # Only that failure gets one more try; anything else fails the test.
+            if attempt or "'scontrol', 'requeue'" not in str(exc):
+                raise
     assert result["restarts"] == 1  # it really ran twice
     assert (
         "this job is preempted"
