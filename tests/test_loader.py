@@ -165,7 +165,7 @@ def test_eval_visits_every_sample_exactly_once_across_ranks_and_workers(
 def test_training_epoch_has_equal_full_batches_on_every_rank(tmp_path, drop_last):
     # 3 uneven shards, 2 ranks x 2 workers = 4 slots: fewer shards than slots, sizes unequal.
     write_shards(tmp_path, {"train": [90, 10, 100]})
-    batch, world = 16, 2
+    batch, world = 32, 2
     per_rank, ids = [], []
     for rank in range(world):
         split = ShardSplit(
@@ -177,7 +177,7 @@ def test_training_epoch_has_equal_full_batches_on_every_rank(tmp_path, drop_last
             split.batches(batch, shuffle=True, generator=gen, drop_last=drop_last, with_ids=True)
         )
         assert len(batches) == expected
-        assert all(len(y) == batch for _, y, _ in batches)
+        assert all(len(y) == batch // world for _, y, _ in batches)  # batch is the global one
         per_rank.append(len(batches))
         ids += [i for _, _, idx in batches for i in idx.tolist()]
     assert per_rank == ([6, 6] if drop_last else [7, 7])  # floor / ceil of 200 / 32
@@ -215,7 +215,7 @@ def test_training_reads_on_when_a_range_has_only_bad_samples(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BadSampleWarning)
             batches = list(
-                split.batches(5, shuffle=True, generator=torch.Generator(), with_ids=True)
+                split.batches(10, shuffle=True, generator=torch.Generator(), with_ids=True)
             )
         assert len(batches) == 2
         assert all(i < 10 for _, _, idx in batches for i in idx.tolist())
@@ -413,7 +413,7 @@ def _rank_main(rank: int, root: str, out: str) -> None:
     steps, train_ids = 0, []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadSampleWarning)
-        for _, y, idx in train.batches(16, shuffle=True, generator=gen, with_ids=True):
+        for _, y, idx in train.batches(32, shuffle=True, generator=gen, with_ids=True):
             # A collective per batch, as DDP does: unequal batch counts would hang here.
             total = torch.tensor([float(y.sum())])
             dist.all_reduce(total)
@@ -425,7 +425,7 @@ def _rank_main(rank: int, root: str, out: str) -> None:
         {
             "ids": ids,
             "steps": steps,
-            "num_batches": train.num_batches(16),
+            "num_batches": train.num_batches(32),
             "train_ids": train_ids,
             "bad": train.bad_sample_counts,
         },

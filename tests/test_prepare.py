@@ -148,7 +148,7 @@ def test_cifar_train_pool_follows_profile_and_val_is_carved(cifar, tmp_path, pro
     assert va == [min(max(math.floor(n * 0.2 + 0.5), 1), n - 1) for n in counts]
     assert te == [CIFAR_TEST] * 10
     assert m["class_names"] == [f"class{c}" for c in range(10)]
-    assert m["image"] == {"channels": 3, "size": 32}
+    assert {k: m["image"][k] for k in ("channels", "size")} == {"channels": 3, "size": 32}
     assert m["source"]["kind"] == "cifar10" and m["group_names"] is None
     sizes = [s["num_samples"] for s in m["splits"]["train"]["shards"]]
     assert sum(sizes) == sum(tr) and max(sizes) <= 40 and max(sizes) - min(sizes) <= 1
@@ -174,6 +174,35 @@ def test_cifar_shards_hold_lossless_pixels_with_their_labels(cifar, tmp_path):
     # Shuffled: the first shard mixes classes rather than holding the head class only.
     first = [int(s["cls"]) for s in shard_members(tmp_path / "out", "train")[:25]]
     assert len(set(first)) >= 5
+
+
+def test_manifest_pixel_statistics_are_the_training_split_s(cifar, tmp_path, monkeypatch):
+    folder, _ = cifar
+    m = prepare(str(folder), tmp_path / "out", PrepareOptions(imbalance_ratio=5, shard_size=25))
+    train = (
+        np.stack(
+            [
+                np.asarray(Image.open(io.BytesIO(s["png"])))
+                for s in shard_members(tmp_path / "out", "train")
+            ]
+        ).reshape(-1, 3)
+        / 255.0
+    )
+    np.testing.assert_allclose(m["image"]["mean"], train.mean(0), atol=1e-6)
+    np.testing.assert_allclose(m["image"]["std"], train.std(0), atol=1e-6)
+    # Capped at a sample: the first images written (a seeded random sample of the split).
+    monkeypatch.setattr(prepare_mod, "PIXEL_STAT_IMAGES", 7)
+    m = prepare(str(folder), tmp_path / "few", PrepareOptions(imbalance_ratio=5, shard_size=25))
+    first = (
+        np.stack(
+            [
+                np.asarray(Image.open(io.BytesIO(s["png"])))
+                for s in shard_members(tmp_path / "few", "train")[:7]
+            ]
+        ).reshape(-1, 3)
+        / 255.0
+    )
+    np.testing.assert_allclose(m["image"]["mean"], first.mean(0), atol=1e-6)
 
 
 def test_val_zero_keeps_exact_longtail_counts_and_writes_no_val_shards(cifar, tmp_path):
@@ -302,7 +331,7 @@ def test_image_folder_and_its_tar_give_identical_shards(tmp_path):
     assert m["splits"]["train"]["class_counts"] == [n - 1 for n in counts]
     assert m["splits"]["val"]["class_counts"] == [1, 1, 1]
     assert m["splits"]["test"]["class_counts"] == [3, 3, 3]
-    assert m["image"] == {"channels": 3, "size": 16}
+    assert {k: m["image"][k] for k in ("channels", "size")} == {"channels": 3, "size": 16}
     exts = set()
     for split in ("train", "val", "test"):
         for s in shard_members(tmp_path / "a", split):
@@ -352,7 +381,7 @@ def test_list_files_with_group_column_and_own_val(tmp_path):
         assert m["splits"][split]["class_counts"] == counts
     assert m["group_names"] == ["f", "m"]
     assert m["splits"]["train"]["group_class_counts"] == [[5, 3, 1], [4, 2, 1]]
-    assert m["image"] == {"channels": 1, "size": 8}
+    assert {k: m["image"][k] for k in ("channels", "size")} == {"channels": 1, "size": 8}
     assert verify_shards(tmp_path / "o") == []
     # The source has its own val: carving options would be silently meaningless, so refuse them.
     with pytest.raises(UserError, match="own val split"):
@@ -395,7 +424,7 @@ def test_digits_matches_in_memory_split(tmp_path):
     m = prepare("digits", tmp_path / "o", PrepareOptions(imbalance_ratio=10, seed=3))
     idx = digits_lt_indices(imbalance_ratio=10.0, seed=3)
     raw, labels = _load_raw()
-    assert m["image"] == {"channels": 1, "size": 8}
+    assert {k: m["image"][k] for k in ("channels", "size")} == {"channels": 1, "size": 8}
     for split in ("train", "val", "test"):
         want = sorted((int(labels[i]), tuple(raw[i].astype(int))) for i in idx[split])
         got = []

@@ -83,6 +83,7 @@ used ~10x the CPU on a 2-core machine (760 vs 24k images/s).
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import math
@@ -94,7 +95,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from abdist.data.loader import _draw_seed, _resolve_rank, image_settings
+from abdist.data.loader import (
+    _check_batch_size,
+    _draw_seed,
+    _resolve_rank,
+    image_settings,
+    local_batch,
+    manifest_class_counts,
+)
 from abdist.data.shards import Record, read_manifest, sha256_file
 from abdist.errors import UserError
 
@@ -439,7 +447,7 @@ class FFCVSplit:
     @property
     def class_counts(self) -> list[int]:
         """Samples per class in this split, from the manifest."""
-        return list(self.manifest["splits"][self.split].get("class_counts") or [])
+        return manifest_class_counts(self.manifest, self.split, self.num_classes)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -469,11 +477,11 @@ class FFCVSplit:
     # --- counts
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        """Batches per rank in a training epoch: ``ceil`` (``floor`` with drop_last) of
-        ``len / (world_size * batch_size)``; the same on every rank."""
-        _check_batch_size(batch_size)
-        per = self.world_size * batch_size
-        return self._n // per if drop_last else math.ceil(self._n / per)
+        """Batches per rank in a training epoch of GLOBAL batches of ``batch_size`` (each rank
+        takes ``batch_size / world_size``): ``ceil`` (``floor`` with drop_last) of
+        ``len / batch_size``; the same on every rank."""
+        local_batch(batch_size, self.world_size)
+        return self._n // batch_size if drop_last else math.ceil(self._n / batch_size)
 
     def eval_num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """Batches this rank yields in an evaluation pass."""
@@ -481,9 +489,21 @@ class FFCVSplit:
         a, b = self._eval_range()
         return (b - a) // batch_size if drop_last else math.ceil((b - a) / batch_size)
 
-    def _eval_range(self) -> tuple[int, int]:
-        n, r, w = self._n, self.rank, self.world_size
+    def _eval_range(self, rank: int | None = None, world_size: int | None = None):
+        n = self._n
+        r = self.rank if rank is None else rank
+        w = self.world_size if world_size is None else world_size
         return n * r // w, n * (r + 1) // w
+
+    def shard(self, rank: int, world_size: int) -> FFCVSplit:
+        """This split as served to ``rank`` of ``world_size`` (the ``TensorSplit.shard``
+        surface); ``self`` when that is its own place."""
+        rank, world_size = _resolve_rank(rank, world_size)
+        if (rank, world_size) == (self.rank, self.world_size):
+            return self
+        view = copy.copy(self)  # shares the compiled loaders
+        view.rank, view.world_size = rank, world_size
+        return view
 
     # --- iteration
 
@@ -496,30 +516,41 @@ class FFCVSplit:
         drop_last: bool = False,
         augment: Callable | None = None,
         with_ids: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_batches: int | None = None,
     ) -> Iterator[tuple[Tensor, ...]]:
         """Yield ``(x, y)`` (or ``(x, y, idx)`` with ``with_ids``) for one pass on this rank.
 
-        ``shuffle=True``: a training epoch of exactly :meth:`num_batches` full batches, ordered
-        and augmented from one seed drawn from ``generator`` (torch's global RNG if None).
-        ``shuffle=False``: an evaluation pass, each sample exactly once across ranks.
-        ``augment(x, generator, y)`` is the ``TensorSplit`` hook, run here on the normalised
-        batch (the constructor's ``augment`` is the class-aware one, before normalisation).
+        ``shuffle=True``: a training epoch of exactly :meth:`num_batches` full batches of
+        ``batch_size / world_size`` samples (``batch_size`` is the GLOBAL batch), ordered and
+        augmented from one seed drawn from ``generator`` (torch's global RNG if None).
+        ``shuffle=False``: an evaluation pass, each sample exactly once across ranks, in batches
+        of ``batch_size``. ``augment(x, generator, y)`` is the ``TensorSplit`` hook, run here on
+        the normalised batch (the constructor's ``augment`` is the class-aware one, before
+        normalisation). ``rank`` / ``world_size`` serve another place than the split's own for
+        this pass; ``max_batches`` stops after that many batches.
         """
         _check_batch_size(batch_size)
+        rank, world_size = _resolve_rank(
+            self.rank if rank is None else rank,
+            self.world_size if world_size is None else world_size,
+        )
         if shuffle:
             seed = _draw_seed(generator)
-            n_batches = self.num_batches(batch_size, drop_last)
+            n_batches = self._n // batch_size if drop_last else math.ceil(self._n / batch_size)
+            batch_size = local_batch(batch_size, world_size)
             if n_batches == 0:
                 return
-            total = self.world_size * n_batches * batch_size
+            total = world_size * n_batches * batch_size
             rng = np.random.default_rng(seed)
             reps = math.ceil(total / self._n)
             stream = np.concatenate([rng.permutation(self._n) for _ in range(reps)])[:total]
-            order = stream[self.rank :: self.world_size]
+            order = stream[rank::world_size]
             keep_last = batch_size
         else:
             seed = 0
-            a, b = self._eval_range()
+            a, b = self._eval_range(rank, world_size)
             n = b - a
             if drop_last:
                 n -= n % batch_size
@@ -534,7 +565,10 @@ class FFCVSplit:
             keep_last = batch_size - pad
         loader, op = self._loader(shuffle, batch_size, len(order))
         loader.traversal_order.order = order.astype(np.int64)
-        aug_seed = int(np.random.SeedSequence([seed, self.rank]).generate_state(1, np.uint64)[0])
+        aug_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
+        last = n_batches - 1  # the batch that may hold padding
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
         op.start_pass(aug_seed >> 1)
         threads = torch.get_num_threads()
         it = iter(loader)
@@ -544,7 +578,7 @@ class FFCVSplit:
                 if k == 0:  # FFCV's thread has set torch's thread count by now: restore it
                     torch.set_num_threads(threads)
                 y, idx = y.reshape(-1).clone(), idx.reshape(-1).clone()
-                if k == n_batches - 1 and keep_last < batch_size:
+                if k == last and keep_last < batch_size:
                     x, y, idx = x[:keep_last], y[:keep_last], idx[:keep_last]
                 if augment is not None:
                     x = augment(x, generator, y)
@@ -708,8 +742,3 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -17,16 +17,17 @@ communication is needed, and they work for ANY shard count: with fewer shards th
 slots read disjoint parts of one shard (exact, at the cost of parsing the skipped tar headers).
 
 Training epoch (``batches(..., shuffle=True)``)
-    Every rank yields exactly ``num_batches(B, drop_last)`` full batches of ``B`` samples:
-    ``ceil(N / (world_size * B))``, or ``floor`` with ``drop_last``. The same on all ranks,
+    ``B`` is the GLOBAL batch (as for the in-memory ``TensorSplit``): every rank yields exactly
+    ``num_batches(B, drop_last)`` full batches of ``B / world_size`` samples (``B`` must divide):
+    ``ceil(N / B)``, or ``floor`` with ``drop_last``. The same on all ranks,
     whatever the shard layout, so DDP never waits on a rank that ran out. The rank's batches are
     split over its workers (``n // W``, the first ``n % W`` workers one more) and each slot's
     range is proportional to its quota of samples. A slot shuffles its range through a
     ``shuffle_buffer`` of encoded samples; when the range is exhausted before the quota (the
     last partial batch, or skipped bad samples) it reads its range again (repeat), and it stops
     as soon as the quota is met (truncate). So an epoch is one pass over the split in which every
-    sample is drawn once across all ranks, plus fewer than ``world_size * B`` repeats to fill the
-    last batches (or minus fewer than ``world_size * B`` dropped samples with ``drop_last``).
+    sample is drawn once across all ranks, plus fewer than ``B`` repeats to fill the last batches
+    (or minus fewer than ``B`` dropped samples with ``drop_last``).
     The shard order, the ranges, the shuffle buffers and the workers' augmentation randomness all
     derive from one seed drawn from ``generator``: the same generator state (and the same
     ``world_size`` and ``num_workers``) reproduces the epoch exactly. The generator must be in the
@@ -78,12 +79,13 @@ Why not ``webdataset.WebDataset``
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import random
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -668,8 +670,6 @@ class ShardSplit:
         root = Path(root)
         manifest = read_manifest(root)
         splits = manifest["splits"]
-        if split not in splits:
-            raise UserError(f"{root}: no split '{split}' in the manifest (has: {sorted(splits)})")
         rank, world_size = _resolve_rank(rank, world_size)
         for name, value, low in (
             ("num_workers", num_workers, 0),
@@ -682,7 +682,13 @@ class ShardSplit:
         if decoder not in ("torchvision", "pil"):
             raise UserError(f"decoder must be 'torchvision' or 'pil', got {decoder!r}")
 
-        entries = splits[split].get("shards") or []
+        parts = split.split("+")  # "train+val": the splits' shards end to end (a retrain)
+        for part in parts:
+            if part not in splits:
+                raise UserError(
+                    f"{root}: no split '{part}' in the manifest (has: {sorted(splits)})"
+                )
+        entries = [e for part in parts for e in splits[part].get("shards") or []]
         shards = []
         for entry in entries:
             if not entry["name"].endswith(".tar"):
@@ -695,7 +701,10 @@ class ShardSplit:
                 raise UserError(f"shard {path} listed in the manifest is missing")
             shards.append(_Shard(entry["name"], str(path), int(entry["num_samples"])))
         total = sum(s.num_samples for s in shards)
-        declared = splits[split].get("num_samples", total)
+        declared = sum(
+            splits[part].get("num_samples", sum(e["num_samples"] for e in splits[part]["shards"]))
+            for part in parts
+        )
         if declared != total:
             raise UserError(
                 f"{root}/manifest.json: split '{split}' declares {declared} samples but its "
@@ -750,8 +759,9 @@ class ShardSplit:
 
     @property
     def class_counts(self) -> list[int]:
-        """Samples per class in this split, from the manifest."""
-        return list(self.manifest["splits"][self.split].get("class_counts") or [])
+        """Samples per class in this split (summed over the parts of "train+val"), from the
+        manifest."""
+        return manifest_class_counts(self.manifest, self.split, self.num_classes)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -776,12 +786,12 @@ class ShardSplit:
     # --- counts
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        """Batches per rank in a training epoch: ``ceil`` (``floor`` with drop_last) of
-        ``len / (world_size * batch_size)``; the same on every rank."""
-        _check_batch_size(batch_size)
-        per = self.world_size * batch_size
+        """Batches per rank in a training epoch of GLOBAL batches of ``batch_size`` (each rank
+        takes ``batch_size / world_size`` of each): ``ceil`` (``floor`` with drop_last) of
+        ``len / batch_size``; the same on every rank."""
+        local_batch(batch_size, self.world_size)
         n = len(self)
-        return n // per if drop_last else math.ceil(n / per)
+        return n // batch_size if drop_last else math.ceil(n / batch_size)
 
     def eval_num_batches(self, batch_size: int) -> int:
         """Batches this rank yields in an evaluation pass (fewer if bad samples are skipped)."""
@@ -836,26 +846,49 @@ class ShardSplit:
         drop_last: bool = False,
         augment: Callable[..., Tensor] | None = None,
         with_ids: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_batches: int | None = None,
     ) -> Iterator[tuple[Tensor, ...]]:
         """Yield ``(x, y)`` (or ``(x, y, idx)`` with ``with_ids``) for one pass on this rank.
 
-        ``shuffle=True``: a training epoch of exactly :meth:`num_batches` full batches, ordered
-        and augmented from one seed drawn from ``generator`` (torch's global RNG if None).
-        ``shuffle=False``: an evaluation pass, each sample exactly once across ranks and workers
-        (``drop_last`` drops each worker's short last batch). ``augment(x, generator, y)`` is the
-        ``TensorSplit`` hook: it runs here, in the calling process, on the normalised batch
-        (the worker-side ``augment`` given to the constructor runs before normalisation).
+        ``shuffle=True``: a training epoch of exactly :meth:`num_batches` full batches of
+        ``batch_size / world_size`` samples (``batch_size`` is the GLOBAL batch, as for
+        ``TensorSplit``), ordered and augmented from one seed drawn from ``generator`` (torch's
+        global RNG if None). ``shuffle=False``: an evaluation pass, each sample exactly once
+        across ranks and workers, in batches of ``batch_size`` per worker (``drop_last`` drops
+        each worker's short last batch). ``augment(x, generator, y)`` is the ``TensorSplit``
+        hook: it runs here, in the calling process, on the normalised batch (the worker-side
+        ``augment`` given to the constructor runs before normalisation).
+
+        ``rank`` / ``world_size`` serve another place than the split's own for this pass (e.g.
+        ``rank=0, world_size=1``: the whole stream, the same on every rank). ``max_batches``
+        stops after that many batches: such a partial pass (a few batches for a hyper step) is
+        read in this process, without starting workers.
         """
         _check_batch_size(batch_size)
+        src = self._src
+        if (rank, world_size) != (None, None):
+            rank, world_size = _resolve_rank(
+                self.rank if rank is None else rank,
+                self.world_size if world_size is None else world_size,
+            )
+            src = replace(src, rank=rank, world_size=world_size)
+        workers = self.num_workers
+        if max_batches is not None:
+            if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+                raise UserError(f"max_batches must be a positive integer, got {max_batches!r}")
+            workers = 0
+            src = replace(src, num_workers=0)
         if shuffle:
             seed = _draw_seed(generator)
-            n_batches = self.num_batches(batch_size, drop_last)
+            n = src.num_samples
+            n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+            size = local_batch(batch_size, src.world_size)
         else:
-            seed, n_batches = 0, 0
-        data = _Pass(
-            self._src, train=shuffle, batch_size=batch_size, n_batches=n_batches, seed=seed
-        )
-        if self.num_workers == 0:
+            seed, n_batches, size = 0, 0, batch_size
+        data = _Pass(src, train=shuffle, batch_size=size, n_batches=n_batches, seed=seed)
+        if workers == 0:
             items = iter(data)
         else:
             items = iter(
@@ -886,6 +919,8 @@ class ShardSplit:
                     x = augment(x, generator, y)
                 yielded += 1
                 yield (x, y, idx) if with_ids else (x, y)
+                if yielded == max_batches:
+                    return
         finally:
             # Drop the DataLoader iterator now, which stops its workers at once; a traceback
             # holding this frame would otherwise keep them alive until some later garbage
@@ -894,7 +929,19 @@ class ShardSplit:
         if error is not None:
             raise UserError(error)
         if shuffle and yielded != n_batches:  # the equal-batches promise; a bug if it breaks
-            raise RuntimeError(f"rank {self.rank} produced {yielded} of {n_batches} batches")
+            raise RuntimeError(f"rank {src.rank} produced {yielded} of {n_batches} batches")
+
+    def shard(self, rank: int, world_size: int) -> ShardSplit:
+        """This split as served to ``rank`` of ``world_size`` (the ``TensorSplit.shard``
+        surface): the evaluation passes of the ranks' shards together visit every sample once.
+        Returns ``self`` when that is the split's own place."""
+        rank, world_size = _resolve_rank(rank, world_size)
+        if (rank, world_size) == (self.rank, self.world_size):
+            return self
+        view = copy.copy(self)  # shares the bad-sample counters: one split, one tally
+        view.rank, view.world_size = rank, world_size
+        view._src = replace(self._src, rank=rank, world_size=world_size)
+        return view
 
     def __repr__(self) -> str:
         return (
@@ -907,6 +954,26 @@ class ShardSplit:
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def local_batch(batch_size: int, world_size: int) -> int:
+    """Each rank's share of a global training batch (which must divide evenly)."""
+    _check_batch_size(batch_size)
+    if batch_size % world_size:
+        raise UserError(
+            f"batch size {batch_size} is the global batch and must be divisible by the "
+            f"{world_size} ranks (each takes batch_size/{world_size})"
+        )
+    return batch_size // world_size
+
+
+def manifest_class_counts(manifest: dict, split: str, num_classes: int) -> list[int]:
+    """Samples per class of ``split`` ("a+b": summed over the parts), from the manifest."""
+    totals = [0] * num_classes
+    for part in split.split("+"):
+        for c, n in enumerate(manifest["splits"][part].get("class_counts") or []):
+            totals[c] += int(n)
+    return totals
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:

@@ -20,6 +20,7 @@ Digits is the one exception to steps 2-3: its splits come from
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import shutil
@@ -292,24 +293,57 @@ def _assign_groups(
 # --------------------------------------------------------------------------- writing
 
 
+# Training images decoded for the manifest's per-channel mean/std: the first ones written, which
+# are a seeded random sample (each split is written in a shuffled order). Enough for 3 decimals.
+PIXEL_STAT_IMAGES = 2000
+
+
 class _ImageStats:
-    """Channels and size over all written images, for the manifest's ``image`` entry."""
+    """Channels, size and pixel statistics, for the manifest's ``image`` entry.
+
+    ``mean`` / ``std`` (per channel, [0, 1] scale) are the training split's, from up to
+    ``PIXEL_STAT_IMAGES`` of its images at their stored resolution, so that every reader (the
+    streaming loaders and the in-memory one) normalises the same way without a pass of its own.
+    """
 
     def __init__(self) -> None:
         self.color = False
         self.sizes: set[tuple[int, int]] = set()
+        self.images = 0
+        # Sums of x and x^2 over pixels, per mode: the channel count is only known at the end.
+        self.sums = {"RGB": np.zeros((2, 3)), "L": np.zeros((2, 1))}
+        self.pixels = 0
 
     def add(self, channels: int, size: tuple[int, int]) -> None:
         self.color |= channels == 3
         if len(self.sizes) < 2:  # only "one size or not" matters; ImageNet has thousands
             self.sizes.add(tuple(size))
 
+    def add_pixels(self, data: bytes) -> None:
+        """Count one training image's pixels (the first ``PIXEL_STAT_IMAGES`` only)."""
+        if self.images >= PIXEL_STAT_IMAGES:
+            return
+        from PIL import Image
+
+        self.images += 1
+        with Image.open(io.BytesIO(data)) as im:
+            for mode, acc in self.sums.items():
+                x = np.asarray(im.convert(mode), dtype=np.float64).reshape(-1, acc.shape[1]) / 255
+                acc[0] += x.sum(0)
+                acc[1] += (x * x).sum(0)
+            self.pixels += im.size[0] * im.size[1]
+
     def manifest(self) -> dict:
         size = None
         if len(self.sizes) == 1:
             (h, w) = next(iter(self.sizes))
             size = h if h == w else None  # a single int only describes square images
-        return {"channels": 3 if self.color else 1, "size": size}
+        out = {"channels": 3 if self.color else 1, "size": size}
+        if self.pixels:
+            s, s2 = self.sums["RGB" if self.color else "L"] / self.pixels
+            std = np.sqrt(np.maximum(s2 - s * s, 0.0)).clip(min=1e-3)
+            out.update(mean=np.round(s, 6).tolist(), std=np.round(std, 6).tolist())
+        return out
 
 
 def _records(
@@ -324,6 +358,8 @@ def _records(
         si = int(idx[j])
         enc = encode_image(sp.read(si), where=f"{split} sample {sp.keys[si]!r}")
         stats.add(enc.channels, enc.size)
+        if split == "train":
+            stats.add_pixels(enc.data)
         group = None if groups is None else int(groups[j])
         yield Record(i, enc.ext, enc.data, int(sp.labels[si]), group)
 
