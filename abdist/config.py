@@ -39,6 +39,9 @@ class DataConfig:
     val: float = _opt(0.2, lo=0.0, lo_open=True, help="val fraction (<1) or count per class")
     test_per_class: int = _opt(50, lo=1, help="balanced test samples per class (digits)")
     seed: int = _opt(0, lo=0, help="seed of the subsample and split")
+    workers: int = _opt(2, lo=0, help="streaming: loader worker processes per rank")
+    shuffle_buffer: int = _opt(1000, lo=0, help="streaming: samples each worker shuffles among")
+    bad_data: str = _opt("skip", choices=("skip", "error"), help="streaming: corrupt samples")
     augment_pad: int = _opt(1, lo=0, help="random-shift augmentation in pixels (0 = off)")
     augment_flip: bool = _opt(False, help="random horizontal flip")
 

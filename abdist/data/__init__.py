@@ -5,8 +5,8 @@ from __future__ import annotations
 from abdist.errors import UserError
 
 
-def build_data(cfg):
-    """Build train/val/test splits for `cfg` (a DataConfig)."""
+def build_data(cfg, rank: int = 0, world_size: int = 1):
+    """Build train/val/test splits for `cfg` (a DataConfig); streamed shards are read per rank."""
     if cfg.source == "digits":
         from abdist.data.digits import load_digits_lt
 
@@ -20,8 +20,12 @@ def build_data(cfg):
             seed=cfg.seed,
         )
     if cfg.source == "shards":
+        if not cfg.root:
+            raise UserError("data.source=shards needs data.root (a directory from abdist prepare)")
         if not cfg.in_memory:
-            raise UserError("data.in_memory=false (streaming shards) is not available yet")
+            from abdist.data.streaming import load_shards_streaming
+
+            return load_shards_streaming(cfg, rank, world_size)
         from abdist.data.shard_memory import load_shards_in_memory
 
         return load_shards_in_memory(cfg.root)

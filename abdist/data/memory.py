@@ -67,6 +67,7 @@ class TensorSplit:
         augment: Augment | None = None,
         rank: int = 0,
         world_size: int = 1,
+        max_batches: int | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(x, y)`` batches covering the split once.
 
@@ -86,6 +87,8 @@ class TensorSplit:
         """
         _check_rank(rank, world_size)
         n_batches = self.num_batches(batch_size, drop_last)
+        if max_batches is not None:  # a partial pass (a hyper step's few batches)
+            n_batches = min(n_batches, max_batches)
         n = len(self)
         if shuffle:
             # randperm on the generator's own device keeps CPU and CUDA generators both usable.

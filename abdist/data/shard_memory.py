@@ -56,14 +56,19 @@ def _read_split(root: Path, manifest: dict, split: str) -> tuple[np.ndarray, np.
 def load_shards_in_memory(root: str | Path) -> DataBundle:
     """Decode every split of a prepared shard directory into normalised tensors.
 
-    Per-channel mean/std come from the training split only (no test statistics leak in).
+    Per-channel mean/std are the training split's (no test statistics leak in), from the manifest.
     """
     root = Path(root)
     manifest = read_manifest(root)
     raw = {s: _read_split(root, manifest, s) for s in ("train", "val", "test")}
     train_x = torch.from_numpy(raw["train"][0]).float() / 255.0
-    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    image = manifest["image"]
+    if "mean" in image:  # the statistics the streaming loaders use too: one normalisation
+        mean = torch.tensor(image["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(image["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    else:  # shards prepared before the manifest carried them
+        mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+        std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
 
     def split(name):
         x, y, g = raw[name]

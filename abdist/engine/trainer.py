@@ -124,6 +124,11 @@ def evaluate(model: nn.Module, split, *, num_classes: int, batch_size: int, devi
     return acc.confusion
 
 
+def bad_samples(data, dist) -> int:
+    """Corrupt samples skipped so far by all ranks (each rank counts what it read)."""
+    return int(dist.all_reduce_sum(torch.tensor(data.bad_sample_counts.get("total", 0))))
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -150,7 +155,7 @@ def train(
     device = dist.device
     autocast = _autocast(cfg, device)
 
-    data = build_data(cfg.data)
+    data = build_data(cfg.data, dist.rank, dist.world_size)  # streamed shards: per rank
     if merge_val or cfg.train.merge_val:
         data = data.with_val_merged()
     augment = build_augment(cfg.data)
@@ -285,6 +290,8 @@ def train(
             "train_loss": dist.mean_over_samples(total_loss, seen),
         }
         record.update({f"last_{k}": v for k, v in hyper.items()})
+        if hasattr(data, "bad_sample_counts"):  # streamed shards: skipped corrupt samples so far
+            record["bad_samples"] = bad_samples(data, dist)
         val = None
         if len(data.val):
             val = class_metrics(evaluate_split(data.val))
@@ -335,6 +342,8 @@ def train(
         + 1,
         confusion_matrix=test_conf.tolist(),
     )
+    if hasattr(data, "bad_sample_counts"):
+        metrics["bad_samples"] = bad_samples(data, dist)
     params = method.loss_params()
     if dist.is_main:
         alpha = {"class_counts": list(data.class_counts), **params}

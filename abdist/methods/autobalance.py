@@ -223,6 +223,7 @@ class AutoBalance:
             drop_last=len(split) >= B,
             rank=rank,
             world_size=world,
+            max_batches=self.m.hyper_batches,
         ):
             xs.append(x)
             ys.append(y)

@@ -1,0 +1,89 @@
+"""Streaming shards for the trainer (``data.in_memory=false``): per-rank ShardSplit loaders behind
+the DataBundle surface the training loop uses (train/val/test, class metadata, with_val_merged).
+
+Everything the in-memory path does holds here too: ``train.batch_size`` is the global batch (each
+rank reads ``B / world_size`` of it), evaluation visits every sample once across ranks, and the
+configured augmentation (random shift/flip, class-aware when AutoBalance tunes it) runs in the
+training process on each decoded batch, exactly as for in-memory tensors; the loader workers only
+read, decode and normalise (with the manifest's training-split mean/std). That keeps the run
+deterministic and resumable: nothing depends on when a worker saw a table update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from abdist.data.loader import ShardSplit
+from abdist.data.memory import TensorSplit
+from abdist.errors import UserError
+
+
+@dataclass
+class StreamingBundle:
+    """Train/val/test as per-rank :class:`ShardSplit` loaders over one prepared directory."""
+
+    train: ShardSplit
+    val: ShardSplit | TensorSplit
+    test: ShardSplit
+    options: dict = field(repr=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.image_shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.image_shape[1]
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training samples per class, from the manifest."""
+        return self.train.class_counts
+
+    def with_val_merged(self) -> StreamingBundle:
+        """Train on the train and val shards together, with an empty validation split."""
+        c, h, w = self.train.image_shape
+        empty = TensorSplit(torch.zeros(0, c, h, w), torch.zeros(0, dtype=torch.int64))
+        train = ShardSplit(self.train.root, "train+val", **self.options)
+        return replace(self, train=train, val=empty)
+
+    @property
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Bad samples this rank met so far, all splits together (by reason, plus total)."""
+        total: dict[str, int] = {}
+        for split in (self.train, self.val, self.test):
+            for reason, n in getattr(split, "bad_sample_counts", {}).items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+
+def load_shards_streaming(cfg, rank: int, world_size: int) -> StreamingBundle:
+    """Per-rank loaders for the WebDataset shards at ``cfg.root`` (a DataConfig)."""
+    root = Path(cfg.root)
+    options = dict(
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.workers,
+        shuffle_buffer=cfg.shuffle_buffer,
+        bad_data=cfg.bad_data,
+    )
+    train = ShardSplit(root, "train", **options)
+    if train.manifest["splits"]["train"]["num_samples"] == 0:
+        raise UserError(f"{root}: the train split is empty; re-run `abdist prepare`")
+    return StreamingBundle(
+        train=train,
+        val=ShardSplit(root, "val", **options),
+        test=ShardSplit(root, "test", **options),
+        options=options,
+    )

@@ -1,0 +1,87 @@
+"""The trainer streaming prepared shards through the per-rank loader (data.in_memory=false)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from abdist.config import load_config
+from abdist.data import build_data
+from abdist.data.prepare import PrepareOptions, prepare
+from abdist.engine.recipe import run
+from tests.conftest import FAST, REPO
+from tests.test_dist import DDP, _ok, torchrun
+from tests.test_loader import write_shards
+
+STREAM = ["data.source=shards", "data.in_memory=false", "data.workers=2", "train.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream") / "digits"
+    prepare("digits", out, PrepareOptions(imbalance_ratio=10.0, seed=0, shard_size=100))
+    return out
+
+
+def _cfg(name, shards, *extra):
+    return load_config(
+        REPO / f"configs/digits_lt/{name}.yaml", [*FAST, *STREAM, f"data.root={shards}", *extra]
+    )
+
+
+def test_streamed_data_has_the_in_memory_metadata(shards):
+    streamed = build_data(_cfg("la", shards).data)
+    memory = build_data(_cfg("la", shards, "data.in_memory=true").data)
+    assert streamed.class_counts == memory.class_counts
+    assert (streamed.num_classes, streamed.in_channels, streamed.image_size) == (10, 1, 8)
+    assert [len(s) for s in (streamed.train, streamed.val, streamed.test)] == [
+        len(s) for s in (memory.train, memory.val, memory.test)
+    ]
+    merged = streamed.with_val_merged()
+    assert len(merged.val) == 0 and len(merged.train) == len(memory.train) + len(memory.val)
+    assert merged.class_counts == memory.with_val_merged().class_counts
+
+
+def test_streamed_autobalance_trains_deterministically_and_resumes_exactly(shards, tmp_path):
+    cfg = _cfg("autobalance", shards, "method.warmup_epochs=1", "method.hyper_interval=5")
+    m = run(cfg, tmp_path / "a")
+    conf = m["confusion_matrix"]
+    assert sum(map(sum, conf)) == len(build_data(cfg.data).test)  # every test sample once
+    assert m["balanced_error"] < 0.8 and m["bad_samples"] == 0  # chance: 0.9
+    assert json.loads((tmp_path / "a/search/alpha.json").read_text())["tuned"]
+    # Same command, another directory: bitwise the same run (workers, shuffle, augmentation).
+    run(cfg, tmp_path / "b")
+    for name in ("metrics.json", "alpha.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # Interrupted after the retrain's 2nd epoch: the same command resumes to the same bytes.
+    ckpts = sorted((tmp_path / "b/retrain/checkpoints").iterdir())
+    shutil.rmtree(ckpts[-1]) if ckpts[-1].is_dir() else ckpts[-1].unlink()
+    for name in ("metrics.json", "alpha.json", "retrain/metrics.json"):
+        (tmp_path / "b" / name).unlink()
+    run(cfg, tmp_path / "b")
+    assert (tmp_path / "a/metrics.json").read_bytes() == (tmp_path / "b/metrics.json").read_bytes()
+
+
+def test_corrupt_samples_are_skipped_and_counted_in_the_metrics(tmp_path):
+    write_shards(
+        tmp_path / "s",
+        {"train": [60, 40], "val": [30], "test": [30]},
+        corrupt={("train", 3): "image", ("test", 7): "image"},
+    )
+    cfg = _cfg("ce", tmp_path / "s", "model.name=small_cnn", "data.augment_pad=0")
+    with pytest.warns(UserWarning, match="skipped bad sample"):
+        m = run(cfg, tmp_path / "run")
+    assert m["bad_samples"] >= 2 and sum(map(sum, m["confusion_matrix"])) == 29
+    strict = _cfg("ce", tmp_path / "s", "data.bad_data=error", "data.augment_pad=0")
+    with pytest.raises(Exception, match="bad sample"):
+        run(strict, tmp_path / "strict")
+
+
+def test_two_ranks_stream_the_shards_and_evaluate_each_sample_once(shards, tmp_path):
+    out = tmp_path / "ddp"
+    _ok(torchrun(out, *DDP, *STREAM, f"data.root={shards}", "data.workers=1"))
+    m = json.loads((out / "metrics.json").read_text())
+    test = build_data(_cfg("la", shards).data).test
+    assert sum(map(sum, m["confusion_matrix"])) == len(test) and m["balanced_error"] < 0.8
