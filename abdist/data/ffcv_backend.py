@@ -99,6 +99,7 @@ from abdist.data.loader import (
     _check_batch_size,
     _draw_seed,
     _resolve_rank,
+    epoch_batches,
     image_settings,
     local_batch,
     manifest_class_counts,
@@ -481,7 +482,7 @@ class FFCVSplit:
         takes ``batch_size / world_size``): ``ceil`` (``floor`` with drop_last) of
         ``len / batch_size``; the same on every rank."""
         local_batch(batch_size, self.world_size)
-        return self._n // batch_size if drop_last else math.ceil(self._n / batch_size)
+        return epoch_batches(self._n, batch_size, drop_last)
 
     def eval_num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """Batches this rank yields in an evaluation pass."""
@@ -538,7 +539,7 @@ class FFCVSplit:
         )
         if shuffle:
             seed = _draw_seed(generator)
-            n_batches = self._n // batch_size if drop_last else math.ceil(self._n / batch_size)
+            n_batches = epoch_batches(self._n, batch_size, drop_last)
             batch_size = local_batch(batch_size, world_size)
             if n_batches == 0:
                 return

@@ -790,8 +790,7 @@ class ShardSplit:
         takes ``batch_size / world_size`` of each): ``ceil`` (``floor`` with drop_last) of
         ``len / batch_size``; the same on every rank."""
         local_batch(batch_size, self.world_size)
-        n = len(self)
-        return n // batch_size if drop_last else math.ceil(n / batch_size)
+        return epoch_batches(len(self), batch_size, drop_last)
 
     def eval_num_batches(self, batch_size: int) -> int:
         """Batches this rank yields in an evaluation pass (fewer if bad samples are skipped)."""
@@ -882,9 +881,8 @@ class ShardSplit:
             src = replace(src, num_workers=0)
         if shuffle:
             seed = _draw_seed(generator)
-            n = src.num_samples
-            n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
             size = local_batch(batch_size, src.world_size)
+            n_batches = epoch_batches(src.num_samples, batch_size, drop_last)
         else:
             seed, n_batches, size = 0, 0, batch_size
         data = _Pass(src, train=shuffle, batch_size=size, n_batches=n_batches, seed=seed)
@@ -965,6 +963,11 @@ def local_batch(batch_size: int, world_size: int) -> int:
             f"{world_size} ranks (each takes batch_size/{world_size})"
         )
     return batch_size // world_size
+
+
+def epoch_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    """Global batches of ``batch_size`` in a training epoch over ``n`` samples."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
 def manifest_class_counts(manifest: dict, split: str, num_classes: int) -> list[int]:

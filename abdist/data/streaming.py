@@ -79,7 +79,7 @@ def load_shards_streaming(cfg, rank: int, world_size: int) -> StreamingBundle:
         bad_data=cfg.bad_data,
     )
     train = ShardSplit(root, "train", **options)
-    if train.manifest["splits"]["train"]["num_samples"] == 0:
+    if len(train) == 0:
         raise UserError(f"{root}: the train split is empty; re-run `abdist prepare`")
     return StreamingBundle(
         train=train,

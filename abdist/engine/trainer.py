@@ -124,9 +124,27 @@ def evaluate(model: nn.Module, split, *, num_classes: int, batch_size: int, devi
     return acc.confusion
 
 
-def bad_samples(data, dist) -> int:
-    """Corrupt samples skipped so far by all ranks (each rank counts what it read)."""
-    return int(dist.all_reduce_sum(torch.tensor(data.bad_sample_counts.get("total", 0))))
+class BadSampleTally:
+    """Corrupt samples the streaming loaders skipped, per pass and over all ranks.
+
+    The loaders count every skip in this process (a sample once per pass); `since_last()` is the
+    all-ranks count since the previous call, so each epoch's figure covers that epoch's passes
+    only and a resumed run reports the same figures as an uninterrupted one. In-memory data has
+    no counter: the tally is then inactive and reports nothing.
+    """
+
+    def __init__(self, data, dist) -> None:
+        self.data, self.dist = data, dist
+        self.active = hasattr(data, "bad_sample_counts")
+        self.seen = 0
+
+    def since_last(self) -> dict[str, int]:
+        if not self.active:
+            return {}
+        local = torch.tensor(self.data.bad_sample_counts.get("total", 0))
+        total = int(self.dist.all_reduce_sum(local))
+        new, self.seen = total - self.seen, total
+        return {"bad_samples": new}
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -235,6 +253,7 @@ def train(
         )
         return dist.all_reduce_sum(conf)
 
+    bad = BadSampleTally(data, dist)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
@@ -290,8 +309,6 @@ def train(
             "train_loss": dist.mean_over_samples(total_loss, seen),
         }
         record.update({f"last_{k}": v for k, v in hyper.items()})
-        if hasattr(data, "bad_sample_counts"):  # streamed shards: skipped corrupt samples so far
-            record["bad_samples"] = bad_samples(data, dist)
         val = None
         if len(data.val):
             val = class_metrics(evaluate_split(data.val))
@@ -300,6 +317,7 @@ def train(
                 val_balanced_error=val["balanced_error"],
                 val_worst_class_recall=val["worst_class_recall"],
             )
+        record.update(bad.since_last())  # streamed shards: skipped in this epoch's passes
         record["seconds"] = round(time.perf_counter() - t0, 3)
         log.log(record)
         tracker.log(record)
@@ -326,6 +344,7 @@ def train(
 
     if cfg.train.select == "best_val" and best_weights is not None:
         engine.module.load_state_dict(best_weights)
+    bad.since_last()  # what training and validation skipped is in the epochs' records
     test_conf = evaluate_split(data.test)
     metrics = class_metrics(
         test_conf,
@@ -342,8 +361,7 @@ def train(
         + 1,
         confusion_matrix=test_conf.tolist(),
     )
-    if hasattr(data, "bad_sample_counts"):
-        metrics["bad_samples"] = bad_samples(data, dist)
+    metrics.update(bad.since_last())  # skipped in the test pass
     params = method.loss_params()
     if dist.is_main:
         alpha = {"class_counts": list(data.class_counts), **params}

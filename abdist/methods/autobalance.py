@@ -229,8 +229,6 @@ class AutoBalance:
             ys.append(y)
             if augment:
                 xas.append(self.base_augment(x, gen, y))
-            if len(xs) == self.m.hyper_batches:
-                break
         cat = (lambda t: torch.cat(t).to(self.device)) if xs else None
         return cat(xs), (cat(xas) if augment else None), cat(ys)
 
