@@ -44,6 +44,9 @@ class DataConfig:
     bad_data: str = _opt("skip", choices=("skip", "error"), help="streaming: corrupt samples")
     augment_pad: int = _opt(1, lo=0, help="random-shift augmentation in pixels (0 = off)")
     augment_flip: bool = _opt(False, help="random horizontal flip")
+    augment_prob: float = _opt(
+        1.0, lo=0.0, hi=1.0, help="share of training samples augmented (AutoBalance can tune it)"
+    )
 
 
 @dataclass
@@ -364,6 +367,11 @@ def validate(cfg: Config) -> None:
     if bad or not cfg.method.tune:
         raise UserError(
             f"'method.tune' must be a non-empty subset of [w, l, delta, aug]; got {cfg.method.tune}"
+        )
+    if cfg.method.name == "autobalance" and "aug" in cfg.method.tune and cfg.data.augment_prob < 1:
+        raise UserError(
+            "'data.augment_prob' and method.tune=[.., aug] both set the augmentation probability; "
+            "drop data.augment_prob and set the starting value with 'method.aug_init'"
         )
     if cfg.method.name == "autobalance" and cfg.method.warmup_epochs >= cfg.train.epochs:
         raise UserError(

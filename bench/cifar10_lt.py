@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--methods", default="ce,la,autobalance")
     p.add_argument("--quick", action="store_true", help="1 epoch, to check the pipeline")
     p.add_argument("--extra", nargs="*", default=[], help="more section.key=value overrides")
+    p.add_argument("--tag", default="", help="suffix of the run directories (a variant's runs)")
     args = p.parse_args()
     if not (args.data / "train.tar.gz").is_file():
         sys.exit(f"bench/cifar10_lt.py: no CIFAR-10 JPEGs at {args.data} (pass --data)")
@@ -90,7 +91,7 @@ def main() -> None:
             abdist("prepare", folder, shards, "--imbalance-ratio", 100, "--val", 0.2,
                    "--seed", seed, "--force")  # fmt: skip
         for m in methods:
-            out = args.work / "runs" / f"{m}_{args.model}_e{epochs}_s{seed}"
+            out = args.work / "runs" / f"{m}_{args.model}_e{epochs}_s{seed}{args.tag}"
             over = [
                 f"data.root={shards}",
                 f"model.name={args.model}",

@@ -10,6 +10,7 @@ import pytest
 
 from abdist.config import load_config
 from abdist.engine.trainer import TrainingDiverged, lr_factor, train
+from abdist.errors import UserError
 from tests.conftest import FAST, REPO, run_cli
 
 
@@ -111,3 +112,27 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_metrics(
     assert (out / "alpha.json").read_text() == (tmp_path / "ref" / "alpha.json").read_text()
     log = [json.loads(x)["epoch"] for x in (phase / "log.jsonl").read_text().splitlines()]
     assert log == list(range(1, n_epochs + 1))  # no duplicated or missing epochs after resuming
+
+
+def test_augment_prob_zero_trains_on_clean_images_and_one_on_augmented(tmp_path):
+    # Batch order is drawn before any augmentation, so a run that augments no sample must be the
+    # run with augmentation switched off (up to float rounding: the batches are separate tensors);
+    # p = 1 and p = 1/2 must differ from it.
+    def final_loss(name, *over):
+        train(_cfg("data.augment_pad=2", "data.augment_flip=true", *over), tmp_path / name)
+        return json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])[
+            "train_loss"
+        ]
+
+    off = final_loss("off", "data.augment_pad=0", "data.augment_flip=false")
+    assert final_loss("p0", "data.augment_prob=0") == pytest.approx(off, rel=1e-6)
+    every, half = final_loss("p1"), final_loss("p05", "data.augment_prob=0.5")
+    assert abs(every - off) > 1e-3 and abs(half - off) > 1e-3 and abs(every - half) > 1e-3
+
+
+def test_augment_prob_conflicts_with_tuned_augmentation():
+    with pytest.raises(UserError, match="method.aug_init"):
+        load_config(
+            REPO / "configs/digits_lt/autobalance.yaml",
+            ["data.augment_prob=0.5", "method.tune=[l,aug]"],
+        )

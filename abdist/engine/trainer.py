@@ -27,6 +27,7 @@ from torch import nn
 
 from abdist.config import Config, config_from_dict
 from abdist.data import build_augment, build_data
+from abdist.data.memory import class_aware
 from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
 from abdist.engine.dist import init_dist, sync_batchnorm, wrap
 from abdist.errors import UserError
@@ -203,6 +204,8 @@ def train(
         augment = method.train_augment()
     else:
         method = ERM(ParametricLoss(spec).to(device))
+        if augment is not None and cfg.data.augment_prob < 1:
+            augment = class_aware(augment, torch.full((data.num_classes,), cfg.data.augment_prob))
     optimizer = build_optimizer(model.parameters(), cfg.optim)
 
     B, accum = cfg.train.batch_size, cfg.train.grad_accum  # B is the global batch

@@ -113,7 +113,7 @@ class AutoBalance:
                 **collectives,
             )
         # Read by the class-aware augment at every batch; updated in place after each hyper step.
-        self.aug_prob = torch.ones(C)
+        self.aug_prob = torch.full((C,), cfg.data.augment_prob)
         self.objective = self._build_objective()
         self._refresh()
 
@@ -121,7 +121,9 @@ class AutoBalance:
 
     def train_augment(self):
         """The training augmentation: class-aware when per-class probabilities exist."""
-        if self.base_augment is None or self.current["aug"] is None:
+        if self.base_augment is None or (
+            self.current["aug"] is None and self.cfg.data.augment_prob == 1
+        ):
             return self.base_augment
         return class_aware(self.base_augment, self.aug_prob)
 
@@ -301,4 +303,11 @@ class AutoBalance:
             model.train(was_training)
         stats = self.coordinator.step(grads)
         self._refresh()
-        return {**stats, "solver_residual": info.get("residual")}
+        # Logged as last_*: a solve that stops early or meets negative curvature (full scope)
+        # gives a poor hypergradient, and the user should see it.
+        return {
+            **stats,
+            "solver_residual": info.get("residual"),
+            "solver_iterations": info.get("iterations"),
+            "negative_curvature": int(bool(info.get("negative_curvature"))),  # 0/1: charted
+        }
