@@ -81,6 +81,11 @@ class MethodConfig:
     scope: str = _opt("head", choices=("head", "full"))
     solver_iterations: int = _opt(50, lo=1, help="CG/Neumann iterations (head: cheap)")
     damping: float = _opt(0.0, lo=0.0, help="extra lambda*I in the Hessian solve")
+    curvature: str = _opt(
+        "auto",
+        choices=("auto", "hessian", "gauss_newton"),
+        help="H in the solve; auto: hessian for scope=head, gauss_newton (PSD) for scope=full",
+    )
     objective: str = _opt(
         "balanced_ce", choices=("balanced_ce", "worst_class", "blend", "equal_opportunity_gap")
     )

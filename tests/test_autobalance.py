@@ -169,6 +169,30 @@ def test_hyper_step_never_touches_batchnorm_or_model_weights(scope, solver):
     assert 1 <= stats["solver_iterations"] <= 3 and stats["negative_curvature"] in (0, 1)
 
 
+def test_full_scope_solves_with_gauss_newton_where_the_hessian_stops_cg():
+    # A network away from a minimum has an indefinite Hessian: CG on it exits on negative
+    # curvature within a couple of iterations, with a residual no better than x = 0. The default
+    # full-scope curvature (auto -> Gauss-Newton) is PSD and CG runs to a small residual.
+    from abdist.data.digits import load_digits_lt
+
+    data = load_digits_lt(imbalance_ratio=10, seed=0)
+    stats = {}
+    for curvature in ("hessian", "auto"):
+        over = ["method.name=autobalance", "method.scope=full", "method.hypergrad=cg",
+                "method.solver_iterations=10", "method.damping=0.1", "method.tune=[l,delta,w]",
+                "train.batch_size=32", f"method.curvature={curvature}"]  # fmt: skip
+        cfg = load_config(None, over)
+        torch.manual_seed(0)
+        model = create_model("small_cnn", 10, in_channels=1, image_size=8)
+        with torch.no_grad():
+            model(data.train.images[:64])
+        ab = AutoBalance(cfg, data, build_loss_spec("la", data.class_counts), None, "cpu")
+        stats[curvature] = ab.hyper_step(model, 0)
+    assert stats["hessian"]["negative_curvature"] == 1 and stats["hessian"]["solver_residual"] > 0.5
+    assert stats["auto"]["negative_curvature"] == 0 and stats["auto"]["solver_residual"] < 1e-2
+    assert stats["auto"]["solver_iterations"] == 10
+
+
 def test_la_init_is_exact_and_buckets_share_parameters():
     from abdist.data.digits import load_digits_lt
 

@@ -23,6 +23,7 @@ from abdist.bilevel.dictionary import build_dictionary, expand
 from abdist.bilevel.hypergrad import (
     NEUMANN_SAFETY,
     SOLVERS,
+    OutputLoss,
     hypergradient,
     power_iteration_lambda_max,
     solve,
@@ -381,6 +382,93 @@ def test_full_network_scope_with_damping_leaves_module_state_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_gauss_newton_is_the_exact_hessian_for_a_linear_head(problem, fd_reference, method):
+    # The logits are linear in θ = (W, b), so Jᵀ∇²_zℓ J is the whole Hessian: the Gauss-Newton
+    # hypergradient must match the finite differences of the true bilevel objective as tightly.
+    theta, ref = fd_reference
+    train = OutputLoss(
+        lambda p: problem.logits(p, problem.xtr),
+        lambda z, a: pce(z, problem.ytr, a["l"], a["delta"], a["w"]),
+    )
+    grad, info = hypergradient(
+        train, problem.val_loss, theta, problem.alpha0, method=method, weight_decay=WD,
+        iterations=50, curvature="gauss_newton",
+    )  # fmt: skip
+    assert info["curvature"] == "gauss_newton" and info["residual"] < 1e-8
+    assert rel_err(grad, ref) < RTOL[method]
+
+
+def _tiny_mlp_problem():
+    """A tanh MLP (not linear in θ) at a random, non-stationary point: an indefinite Hessian."""
+    prob = Problem()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, C)).double()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def forward(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    def loss(z, a):
+        return pce(z, prob.ytr, a["l"], a["delta"], a["w"])
+
+    train = OutputLoss(lambda p: forward(p, prob.xtr), loss)
+
+    def val(p, a):
+        return balanced_ce(forward(p, prob.xva), prob.yva, C)
+
+    return prob, params, train, val, loss, forward
+
+
+def test_gauss_newton_matches_explicit_jacobians_and_is_psd_where_the_hessian_is_not():
+    prob, params, train, val, loss, forward = _tiny_mlp_problem()
+    a0 = prob.alpha0
+    names = list(params)
+    theta = torch.cat([params[k].reshape(-1) for k in names])
+    sizes = [params[k].numel() for k in names]
+
+    def unflat(t):
+        return {k: c.view(params[k].shape) for k, c in zip(names, t.split(sizes))}
+
+    def logits(t):
+        return forward(unflat(t), prob.xtr).reshape(-1)
+
+    # Reference, built from explicit matrices: G = Jᵀ ∇²_zℓ J, M = Jᵀ ∂²ℓ/∂z∂α (α flattened).
+    keys = sorted(a0)
+    a_flat = torch.cat([a0[k] for k in keys])
+
+    def unflat_a(v):
+        return dict(zip(keys, v.split([a0[k].numel() for k in keys])))
+
+    z = logits(theta)
+
+    def ell(zf, av):
+        return loss(zf.view(-1, C), unflat_a(av))
+
+    J = torch.func.jacrev(logits)(theta)
+    Hz = torch.func.hessian(ell, argnums=0)(z, a_flat)
+    Mz = torch.func.jacrev(torch.func.grad(ell, argnums=0), argnums=1)(z, a_flat)
+    G, M = J.T @ Hz @ J, J.T @ Mz
+    wd = 1e-3
+    v, direct = torch.func.grad(lambda t, av: val(unflat(t), unflat_a(av)), argnums=(0, 1))(
+        theta, a_flat
+    )
+    expected = direct - M.T @ torch.linalg.solve(G + wd * torch.eye(len(theta), dtype=DT), v)
+
+    got, info = hypergradient(
+        train, val, params, a0, method="exact", weight_decay=wd, curvature="gauss_newton"
+    )
+    assert torch.allclose(torch.cat([got[k] for k in keys]), expected, rtol=1e-9, atol=1e-12)
+    assert info["lambda_min"] >= wd - 1e-9  # G is PSD: its spectrum starts at the weight decay
+    _, info_h = hypergradient(train, val, params, a0, method="exact", weight_decay=wd)
+    assert info_h["lambda_min"] < 0  # ... while the true Hessian here is indefinite
+    cg, info_cg = hypergradient(
+        train, val, params, a0, method="cg", weight_decay=wd, iterations=500, tol=1e-12,
+        curvature="gauss_newton",
+    )  # fmt: skip
+    assert not info_cg["negative_curvature"] and rel_err(cg, got) < 1e-6
+
+
 def test_argument_errors():
     prob = Problem()
     theta = {"W": torch.zeros(C, D, dtype=DT), "b": torch.zeros(C, dtype=DT)}
@@ -390,5 +478,9 @@ def test_argument_errors():
         )
     with pytest.raises(ValueError, match="hvp_mode"):
         hypergradient(prob.train_loss, prob.val_loss, theta, prob.alpha0, hvp_mode="fd")
+    with pytest.raises(ValueError, match="curvature"):
+        hypergradient(prob.train_loss, prob.val_loss, theta, prob.alpha0, curvature="fisher")
+    with pytest.raises(ValueError, match="OutputLoss"):
+        hypergradient(prob.train_loss, prob.val_loss, theta, prob.alpha0, curvature="gauss_newton")
     with pytest.raises(ValueError, match="dtype"):
         hypergradient(prob.train_loss, prob.val_loss, {**theta, "b": theta["b"].float()}, 0)

@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from abdist.bilevel.coordinator import Coordinator
 from abdist.bilevel.dictionary import build_dictionary, fit_sub
-from abdist.bilevel.hypergrad import hypergradient
+from abdist.bilevel.hypergrad import OutputLoss, hypergradient
 from abdist.bilevel.objectives import get_objective
 from abdist.data.memory import class_aware
 from abdist.errors import UserError
@@ -204,6 +204,13 @@ class AutoBalance:
         if self.current["aug"] is not None:
             self.aug_prob.copy_(self.current["aug"].detach().cpu())
 
+    def _curvature(self) -> str:
+        # A full network's Hessian is indefinite away from a minimum and stops CG after a step or
+        # two; Gauss-Newton is PSD. For a linear head the two are the same matrix.
+        if self.m.curvature != "auto":
+            return self.m.curvature
+        return "gauss_newton" if self.m.scope == "full" else "hessian"
+
     def _sample_batches(self, split, step: int, augment: bool, shard: bool = False):
         """`hyper_batches` batches drawn with a generator seeded by (seed, step): resumable.
 
@@ -280,10 +287,11 @@ class AutoBalance:
             def forward(p, x):
                 return functional_call(net, {**p, **frozen}, (x,)).float()
 
-            def train_loss(p, a):
-                return self.expected_train_loss(
-                    a, forward(p, x_tr), forward(p, x_aug) if tune_aug else None, y_tr
-                )
+            # Written as loss(logits(θ), α) so that a Gauss-Newton solve can split the two.
+            train_loss = OutputLoss(
+                lambda p: (forward(p, x_tr), *((forward(p, x_aug),) if tune_aug else ())),
+                lambda z, a: self.expected_train_loss(a, z[0], z[1] if tune_aug else None, y_tr),
+            )
 
             def val_loss(p, a):
                 return self.objective(forward(p, x_val), y_val)
@@ -298,6 +306,7 @@ class AutoBalance:
                 weight_decay=self.cfg.optim.weight_decay,
                 damping=self.m.damping,
                 iterations=self.m.solver_iterations,
+                curvature=self._curvature(),
             )
         finally:
             model.train(was_training)
