@@ -364,6 +364,11 @@ def validate(cfg: Config) -> None:
     for m in cfg.optim.milestones:
         if not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0:
             raise UserError(f"'optim.milestones' must be a list of epochs >= 0; got {m!r}")
+    if cfg.data.source == "digits" and not cfg.data.in_memory:
+        raise UserError(
+            "'data.in_memory=false' streams prepared shards; data.source=digits is always in "
+            "memory (drop the key, or prepare shards and set data.source=shards)"
+        )
     if cfg.data.source == "shards" and not cfg.data.root:
         raise UserError("'data.root' must name a shard directory when data.source=shards")
     if cfg.train.merge_val and cfg.train.select == "best_val":

@@ -81,6 +81,12 @@ def test_cross_field_checks():
         load_config(None, ["train.epochs=2", "optim.warmup_epochs=3"])
     with pytest.raises(UserError, match="data.val"):
         load_config(None, ["data.val=2.5"])
+    with pytest.raises(UserError, match="always in memory"):
+        load_config(None, ["data.in_memory=false"])
+    with pytest.raises(UserError, match="method.aug_init"):
+        load_config(
+            None, ["method.name=autobalance", "method.tune=[l,aug]", "data.augment_prob=0.5"]
+        )
 
 
 def test_every_key_is_settable_from_its_own_default():

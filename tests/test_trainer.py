@@ -10,7 +10,6 @@ import pytest
 
 from abdist.config import load_config
 from abdist.engine.trainer import TrainingDiverged, lr_factor, train
-from abdist.errors import UserError
 from tests.conftest import FAST, REPO, run_cli
 
 
@@ -128,11 +127,3 @@ def test_augment_prob_zero_trains_on_clean_images_and_one_on_augmented(tmp_path)
     assert final_loss("p0", "data.augment_prob=0") == pytest.approx(off, rel=1e-6)
     every, half = final_loss("p1"), final_loss("p05", "data.augment_prob=0.5")
     assert abs(every - off) > 1e-3 and abs(half - off) > 1e-3 and abs(every - half) > 1e-3
-
-
-def test_augment_prob_conflicts_with_tuned_augmentation():
-    with pytest.raises(UserError, match="method.aug_init"):
-        load_config(
-            REPO / "configs/digits_lt/autobalance.yaml",
-            ["data.augment_prob=0.5", "method.tune=[l,aug]"],
-        )
