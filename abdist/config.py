@@ -90,7 +90,9 @@ class MethodConfig:
         "balanced_ce", choices=("balanced_ce", "worst_class", "blend", "equal_opportunity_gap")
     )
     temperature: float = _opt(0.1, lo=0.0, lo_open=True, help="worst_class / EO soft-max T")
-    blend_beta: float = _opt(0.5, lo=0.0, hi=1.0, help="blend: weight of plain CE")
+    blend_beta: float = _opt(
+        0.5, lo=0.0, hi=1.0, help="blend, equal_opportunity_gap: weight of plain CE"
+    )
     warmup_epochs: int = _opt(5, lo=0, help="epochs of plain training before hyper steps")
     hyper_interval: int = _opt(20, lo=1, help="a hyper step every k optimiser steps")
     hyper_batches: int = _opt(2, lo=1, help="train and val batches per hyper step")
@@ -132,6 +134,9 @@ class TrainConfig:
     merge_val: bool = _opt(False, help="train on train+val (no validation metrics)")
     keep_checkpoints: int = _opt(2, lo=1)
     many_shot_min: int = _opt(100, lo=0, help="many-shot: train count > this")
+    positive_class: int = _opt(
+        1, lo=0, help="group data: the class whose TPR the equal-opportunity gap compares"
+    )
     few_shot_max: int = _opt(20, lo=0, help="few-shot: train count < this")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
 
@@ -398,3 +403,14 @@ def validate(cfg: Config) -> None:
             f"'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds "
             f"'train.epochs' ({cfg.train.epochs})"
         )
+
+
+def check_positive_class(cfg: Config, num_classes: int) -> int:
+    """`train.positive_class`, checked against the data's number of classes (known only now)."""
+    p = cfg.train.positive_class
+    if p >= num_classes:
+        raise UserError(
+            f"'train.positive_class' is {p} but the data has {num_classes} classes "
+            f"(0..{num_classes - 1}); set it to the class whose TPR the groups should share"
+        )
+    return p

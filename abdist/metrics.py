@@ -29,6 +29,7 @@ __all__ = [
     "ConfusionAccumulator",
     "class_metrics",
     "confusion_matrix",
+    "group_confusion_metrics",
     "group_metrics",
 ]
 
@@ -43,6 +44,13 @@ SCALAR_METRICS = (
     "many_shot_accuracy",
     "medium_shot_accuracy",
     "few_shot_accuracy",
+)
+# ... and, when the data has group attributes, these (from group_confusion_metrics).
+GROUP_SCALAR_METRICS = (
+    "equal_opportunity_gap",
+    "equalized_odds_gap",
+    "demographic_parity_gap",
+    "worst_group_accuracy",
 )
 
 
@@ -268,23 +276,46 @@ def group_metrics(preds: Any, labels: Any, groups: Any, positive_class: int = 1)
     if p.numel() == 0:
         raise ValueError("group_metrics needs at least one sample")
 
-    pred_pos = p == positive_class
-    true_pos = y == positive_class
+    num_classes = int(max(int(p.max()), int(y.max()), positive_class)) + 1
+    ids, cell = torch.unique(g, return_inverse=True)
+    confusions = torch.stack(
+        [confusion_matrix(p[cell == i], y[cell == i], num_classes) for i in range(len(ids))]
+    )
+    return group_confusion_metrics(confusions, positive_class, group_ids=ids.tolist())
+
+
+def group_confusion_metrics(
+    confusions: Any, positive_class: int = 1, group_ids: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """`group_metrics` from one [C, C] confusion matrix per group ([G, C, C] integer counts,
+    summable over batches and processes); group g is reported as ``group_ids[g]`` (default g).
+    Groups without samples do not appear."""
+    conf = torch.as_tensor(confusions).long().cpu()
+    if conf.dim() != 3 or conf.shape[1] != conf.shape[2]:
+        raise ValueError(f"confusions must be [G, C, C], got {list(conf.shape)}")
+    if not 0 <= positive_class < conf.shape[1]:
+        raise ValueError(f"positive_class {positive_class} outside [0, {conf.shape[1]})")
+    ids = list(range(len(conf))) if group_ids is None else [int(i) for i in group_ids]
     size: dict[int, int] = {}
     acc: dict[int, float] = {}
     tpr: dict[int, float | None] = {}
     fpr: dict[int, float | None] = {}
     pos_rate: dict[int, float] = {}
-    for gid in torch.unique(g).tolist():
-        m = g == gid
-        n = int(m.sum())
-        n_pos = int((m & true_pos).sum())
+    for gid, c in zip(ids, conf, strict=True):
+        n = int(c.sum())
+        if n == 0:
+            continue
+        n_pos = int(c[positive_class].sum())  # rows: true class
         n_neg = n - n_pos
+        tp = int(c[positive_class, positive_class])
+        pred_pos = int(c[:, positive_class].sum())
         size[gid] = n
-        acc[gid] = int((m & (p == y)).sum()) / n
-        pos_rate[gid] = int((m & pred_pos).sum()) / n
-        tpr[gid] = int((m & true_pos & pred_pos).sum()) / n_pos if n_pos else None
-        fpr[gid] = int((m & ~true_pos & pred_pos).sum()) / n_neg if n_neg else None
+        acc[gid] = int(c.trace()) / n
+        pos_rate[gid] = pred_pos / n
+        tpr[gid] = tp / n_pos if n_pos else None
+        fpr[gid] = (pred_pos - tp) / n_neg if n_neg else None
+    if not size:
+        raise ValueError("group_confusion_metrics needs at least one sample")
 
     eo_gap = _gap(tpr)
     fpr_gap = _gap(fpr)

@@ -44,7 +44,7 @@ import yaml
 
 from abdist.config import Config, _suggest, all_keys, load_config, set_key
 from abdist.errors import UserError
-from abdist.metrics import SCALAR_METRICS
+from abdist.metrics import GROUP_SCALAR_METRICS, SCALAR_METRICS
 
 METHODS = ("grid", "random", "bayes")
 SPEC_KEYS = (
@@ -79,9 +79,11 @@ PARAM_KEYS = ("value", "values", "distribution", "min", "max", "mu", "sigma", "q
 # Numbers a trial produces: metrics.json's and log.jsonl's.
 METRICS = (
     *SCALAR_METRICS,
+    *GROUP_SCALAR_METRICS,
     "val_accuracy",
     "val_balanced_error",
     "val_worst_class_recall",
+    "val_equal_opportunity_gap",
     "train_loss",
 )
 

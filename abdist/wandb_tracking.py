@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from abdist.errors import UserError
-from abdist.metrics import SCALAR_METRICS
+from abdist.metrics import GROUP_SCALAR_METRICS, SCALAR_METRICS
 
-SUMMARY_KEYS = (*SCALAR_METRICS, "selected_epoch")
+SUMMARY_KEYS = (*SCALAR_METRICS, *GROUP_SCALAR_METRICS, "selected_epoch")
 ALPHA_KEYS = ("w", "l", "delta", "margin", "aug")
 
 

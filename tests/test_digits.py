@@ -136,3 +136,22 @@ def test_random_shift_flip_mirrors():
     flipped = (out == x.flip(-1)).all(dim=(1, 2, 3))
     kept = (out == x).all(dim=(1, 2, 3))
     assert torch.all(flipped | kept) and flipped.any() and kept.any()
+
+
+@pytest.mark.parametrize("augment", [None, random_shift(1, flip=True)])
+def test_batches_with_groups_keep_each_sample_with_its_group(augment):
+    base = _toy_split()
+    split = TensorSplit(base.images, base.labels, (base.labels * 7) % 3)
+    for rank in (0, 1):
+        g = torch.Generator().manual_seed(5)
+        kw = dict(shuffle=True, generator=g, augment=augment, rank=rank, world_size=2)
+        plain = list(split.batches(4, **kw))
+        g.manual_seed(5)
+        grouped = list(split.batches(4, **kw, with_groups=True))
+        assert len(plain) == len(grouped) > 0
+        for (x, y), (xg, yg, gg) in zip(plain, grouped, strict=True):
+            # the same samples (and augmentation draws) as without groups, each with its own id
+            assert torch.equal(x, xg) and torch.equal(y, yg)
+            assert torch.equal(gg, (yg * 7) % 3)
+    with pytest.raises(ValueError, match="without group"):
+        next(base.batches(4, shuffle=False, with_groups=True))

@@ -68,8 +68,10 @@ class TensorSplit:
         rank: int = 0,
         world_size: int = 1,
         max_batches: int | None = None,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x, y)`` batches covering the split once.
+        with_groups: bool = False,
+    ) -> Iterator[tuple[Tensor, ...]]:
+        """Yield ``(x, y)`` batches covering the split once; ``(x, y, g)`` with ``with_groups``
+        (the split must carry groups).
 
         The order (and the augmentation randomness, via ``augment(x, generator)``) comes only from
         ``generator``, so the same generator state reproduces the same batches; with
@@ -86,6 +88,8 @@ class TensorSplit:
         augmentation per rank, and is what makes 2 ranks × B/2 reproduce 1 rank × B.
         """
         _check_rank(rank, world_size)
+        if with_groups and self.groups is None:
+            raise ValueError("with_groups=True on a split without group attributes")
         n_batches = self.num_batches(batch_size, drop_last)
         if max_batches is not None:  # a partial pass (a hyper step's few batches)
             n_batches = min(n_batches, max_batches)
@@ -101,15 +105,13 @@ class TensorSplit:
             lo, hi = _rank_slice(stop - start, rank, world_size)
             if augment is None:  # only this rank's samples are ever gathered
                 start, stop, lo, hi = start + lo, start + hi, 0, hi - lo
-            if order is None:
-                x, y = self.images[start:stop], self.labels[start:stop]
-            else:
-                idx = order[start:stop]
-                x, y = self.images[idx], self.labels[idx]
+            idx = slice(start, stop) if order is None else order[start:stop]
+            x, y = self.images[idx], self.labels[idx]
+            g = self.groups[idx] if with_groups else None
             if augment is not None:
                 x = augment(x, generator, y)[lo:hi]
-                y = y[lo:hi]
-            yield x, y
+                y, g = y[lo:hi], (g[lo:hi] if with_groups else None)
+            yield (x, y, g) if with_groups else (x, y)
 
     def shard(self, rank: int, world_size: int) -> TensorSplit:
         """This rank's contiguous slice of the split, for evaluation: every sample is in exactly
@@ -156,6 +158,13 @@ class DataBundle:
         """Training samples per class, including zeros for classes absent from train."""
         counts = torch.bincount(self.train.labels.cpu(), minlength=self.num_classes)
         return [int(c) for c in counts]
+
+    @property
+    def num_groups(self) -> int | None:
+        """1 + the largest group id in any split; None when the data has no groups."""
+        ids = [s.groups for s in (self.train, self.val, self.test) if s.groups is not None]
+        ids = [g for g in ids if len(g)]
+        return max(int(g.max()) for g in ids) + 1 if ids else None
 
     def with_val_merged(self) -> DataBundle:
         """Train on train+val, with an empty validation split (a retrain phase's data)."""

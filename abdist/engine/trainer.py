@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from abdist.config import Config, config_from_dict
+from abdist.config import Config, check_positive_class, config_from_dict
 from abdist.data import build_augment, build_data
 from abdist.data.memory import class_aware
 from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
@@ -35,7 +35,7 @@ from abdist.io import write_json, write_text
 from abdist.losses import ParametricLoss, build_loss_spec
 from abdist.methods.autobalance import AutoBalance
 from abdist.methods.erm import ERM
-from abdist.metrics import ConfusionAccumulator, class_metrics
+from abdist.metrics import GROUP_SCALAR_METRICS, class_metrics, group_confusion_metrics
 from abdist.models import create_model
 from abdist.tracking import JsonlLogger, progress
 from abdist.wandb_tracking import make_tracker
@@ -114,15 +114,30 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split, *, num_classes: int, batch_size: int, device, autocast):
-    """Confusion matrix of argmax(raw logits) over every sample of `split`, each counted once."""
+def evaluate(
+    model: nn.Module,
+    split,
+    *,
+    num_classes: int,
+    batch_size: int,
+    device,
+    autocast,
+    num_groups: int | None = None,
+):
+    """Confusion matrix of argmax(raw logits) over every sample of `split`, each counted once:
+    [C, C], or one per group, [G, C, C], with `num_groups` (the split must carry groups)."""
     model.eval()
-    acc = ConfusionAccumulator(num_classes)
-    for x, y in split.batches(batch_size, shuffle=False):
+    cells = num_groups or 1
+    conf = torch.zeros(cells * num_classes * num_classes, dtype=torch.long)
+    kw = {"with_groups": True} if num_groups else {}
+    for batch in split.batches(batch_size, shuffle=False, **kw):
         with autocast:
-            logits = model(x.to(device))
-        acc.update(logits.argmax(1).cpu(), y)
-    return acc.confusion
+            logits = model(batch[0].to(device))
+        pred, y = logits.argmax(1).cpu(), batch[1].cpu()
+        g = batch[2].cpu() if num_groups else torch.zeros_like(y)
+        conf += torch.bincount((g * num_classes + y) * num_classes + pred, minlength=conf.numel())
+    conf = conf.view(cells, num_classes, num_classes)
+    return conf if num_groups else conf[0]
 
 
 class BadSampleTally:
@@ -245,7 +260,12 @@ def train(
 
     # Evaluation: every rank scores its own slice of the split; the confusion matrices are summed,
     # so each sample counts exactly once. The bare module: no gradient sync, uneven slices are fine.
+    # Group attributes (in-memory shards prepared with --groups): fairness metrics as well.
+    num_groups = getattr(data, "num_groups", None)
+    positive_class = check_positive_class(cfg, data.num_classes) if num_groups else None
+
     def evaluate_split(split):
+        """(class confusion [C, C], group metrics or None), summed over ranks."""
         conf = evaluate(
             engine.module,
             split.shard(dist.rank, dist.world_size),
@@ -253,8 +273,12 @@ def train(
             batch_size=cfg.train.eval_batch_size,
             device=device,
             autocast=autocast,
+            num_groups=num_groups,
         )
-        return dist.all_reduce_sum(conf)
+        conf = dist.all_reduce_sum(conf)
+        if num_groups is None:
+            return conf, None
+        return conf.sum(0), group_confusion_metrics(conf, positive_class)
 
     bad = BadSampleTally(data, dist)
     step = start_epoch * steps_per_epoch
@@ -314,12 +338,15 @@ def train(
         record.update({f"last_{k}": v for k, v in hyper.items()})
         val = None
         if len(data.val):
-            val = class_metrics(evaluate_split(data.val))
+            val_conf, val_groups = evaluate_split(data.val)
+            val = class_metrics(val_conf)
             record.update(
                 val_accuracy=val["accuracy"],
                 val_balanced_error=val["balanced_error"],
                 val_worst_class_recall=val["worst_class_recall"],
             )
+            if val_groups is not None:
+                record["val_equal_opportunity_gap"] = val_groups["equal_opportunity_gap"]
         record.update(bad.since_last())  # streamed shards: skipped in this epoch's passes
         record["seconds"] = round(time.perf_counter() - t0, 3)
         log.log(record)
@@ -348,7 +375,7 @@ def train(
     if cfg.train.select == "best_val" and best_weights is not None:
         engine.module.load_state_dict(best_weights)
     bad.since_last()  # what training and validation skipped is in the epochs' records
-    test_conf = evaluate_split(data.test)
+    test_conf, test_groups = evaluate_split(data.test)
     metrics = class_metrics(
         test_conf,
         class_counts=data.class_counts,
@@ -364,6 +391,9 @@ def train(
         + 1,
         confusion_matrix=test_conf.tolist(),
     )
+    if test_groups is not None:
+        metrics.update({k: test_groups[k] for k in GROUP_SCALAR_METRICS})
+        metrics["groups"] = {"positive_class": positive_class, **test_groups}
     metrics.update(bad.since_last())  # skipped in the test pass
     params = method.loss_params()
     if dist.is_main:

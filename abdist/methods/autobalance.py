@@ -36,6 +36,7 @@ from abdist.bilevel.coordinator import Coordinator
 from abdist.bilevel.dictionary import build_dictionary, fit_sub
 from abdist.bilevel.hypergrad import OutputLoss, hypergradient
 from abdist.bilevel.objectives import get_objective
+from abdist.config import check_positive_class
 from abdist.data.memory import class_aware
 from abdist.errors import UserError
 from abdist.losses import LossSpec, delta_to_logit, parametric_cross_entropy
@@ -180,12 +181,18 @@ class AutoBalance:
     def _build_objective(self):
         name, kw = self.m.objective, {}
         if name == "equal_opportunity_gap":
-            if self.data.val.groups is None:
+            if getattr(self.data.val, "groups", None) is None:
                 raise UserError(
-                    "method.objective=equal_opportunity_gap needs group attributes in the data "
-                    "(prepare the shards with --groups), or pick balanced_ce / worst_class / blend"
+                    "method.objective=equal_opportunity_gap needs group attributes in memory "
+                    "(shards prepared with --groups, data.in_memory=true), or pick balanced_ce / "
+                    "worst_class / blend"
                 )
-            kw["temperature"] = self.m.temperature
+            kw.update(
+                temperature=self.m.temperature,
+                positive_class=check_positive_class(self.cfg, self.data.num_classes),
+                num_groups=self.data.num_groups,
+                ce_weight=self.m.blend_beta,
+            )
         else:
             kw["num_classes"] = self.data.num_classes
         if name == "worst_class":
@@ -224,8 +231,9 @@ class AutoBalance:
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
         B = self.cfg.train.batch_size
         rank, world = (self.rank, self.world_size) if shard else (0, 1)
-        xs, xas, ys = [], [], []
-        for x, y in split.batches(
+        with_groups = self.objective.needs_groups and split is self.data.val
+        xs, xas, ys, gs = [], [], [], []
+        for batch in split.batches(
             B,
             shuffle=True,
             generator=gen,
@@ -233,13 +241,16 @@ class AutoBalance:
             rank=rank,
             world_size=world,
             max_batches=self.m.hyper_batches,
+            **({"with_groups": True} if with_groups else {}),
         ):
+            x, y = batch[0], batch[1]
             xs.append(x)
             ys.append(y)
+            gs.append(batch[2] if with_groups else None)
             if augment:
                 xas.append(self.base_augment(x, gen, y))
         cat = (lambda t: torch.cat(t).to(self.device)) if xs else None
-        return cat(xs), (cat(xas) if augment else None), cat(ys)
+        return cat(xs), (cat(xas) if augment else None), cat(ys), (cat(gs) if with_groups else None)
 
     def expected_train_loss(self, alpha_sub, logits, logits_aug, y) -> Tensor:
         """The training loss as a function of alpha_sub, in expectation over the augmentation mask.
@@ -267,8 +278,8 @@ class AutoBalance:
     def hyper_step(self, model, step: int) -> dict:
         tune_aug = "aug" in self.tune
         shard_train = self.cfg.dist.hyper_shard == "train_val"
-        x_tr, x_aug, y_tr = self._sample_batches(self.data.train, step, tune_aug, shard_train)
-        x_val, _, y_val = self._sample_batches(self.data.val, step + 1, False, shard=True)
+        x_tr, x_aug, y_tr, _ = self._sample_batches(self.data.train, step, tune_aug, shard_train)
+        x_val, _, y_val, g_val = self._sample_batches(self.data.val, step + 1, False, shard=True)
         was_training = model.training
         model.eval()  # BatchNorm reads running statistics and writes nothing
         try:
@@ -294,7 +305,7 @@ class AutoBalance:
             )
 
             def val_loss(p, a):
-                return self.objective(forward(p, x_val), y_val)
+                return self.objective(forward(p, x_val), y_val, g_val)
 
             alpha = {k: v.detach() for k, v in self.coordinator.alpha_sub.items()}
             grads, info = hypergradient(
