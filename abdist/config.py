@@ -101,6 +101,9 @@ class MethodConfig:
     upper_momentum: float = _opt(0.9, lo=0.0, hi=1.0)
     clip: float = _opt(1.0, lo=0.0, help="max norm of the hypergradient (0 = off)")
     aug_init: float = _opt(0.5, lo=0.0, hi=1.0, help="initial per-class augmentation prob.")
+    per_group: bool = _opt(
+        False, help="w, l, delta per (group, class) cell (in-memory data with groups; not aug)"
+    )
     retrain: bool = _opt(True, help="after the search, retrain on train+val with the found loss")
 
 
@@ -387,6 +390,11 @@ def validate(cfg: Config) -> None:
         raise UserError(
             "'data.augment_prob' and method.tune=[.., aug] both set the augmentation probability; "
             "drop data.augment_prob and set the starting value with 'method.aug_init'"
+        )
+    if cfg.method.name == "autobalance" and cfg.method.per_group and "aug" in cfg.method.tune:
+        raise UserError(
+            "'method.per_group=true' tunes w, l, delta per (group, class) cell; the augmentation "
+            "probability stays per class and cannot be tuned with it (drop aug from method.tune)"
         )
     if cfg.method.name == "autobalance" and cfg.method.warmup_epochs >= cfg.train.epochs:
         raise UserError(

@@ -228,3 +228,59 @@ def test_search_then_retrain_uses_the_searched_parameters(tmp_path):
     assert all(a > b for a, b in zip(on_disk["class_counts"], search_counts))
     log = (tmp_path / "retrain" / "log.jsonl").read_text().splitlines()
     assert "val_balanced_error" not in json.loads(log[0])
+
+
+def _with_groups(data: DataBundle, G: int = 2) -> DataBundle:
+    def grouped(s: TensorSplit) -> TensorSplit:
+        return TensorSplit(s.images, s.labels, torch.arange(len(s.labels)) % G)
+
+    return DataBundle(grouped(data.train), grouped(data.val), grouped(data.test),
+                      data.class_names, data.in_channels, data.image_size)  # fmt: skip
+
+
+def test_per_group_cells_tiled_from_class_vectors_reproduce_the_class_level_step():
+    # Cells start from the class preset copied into each group's row. At that point the cell loss
+    # IS the class loss, so (chain rule through the tiling) the cell hypergradient summed over the
+    # groups is the class hypergradient: with plain SGD on alpha_sub, the groups' updates of a
+    # class add up to the class-level update. Exact solver, per-class dictionary.
+    data = _with_groups(_gaussian_lt([40, 20, 10, 5], n_val_per_class=12))
+    over = ["method.name=autobalance", "method.tune=[w,l,delta]", "method.hypergrad=exact",
+            "method.upper_optim=sgd", "method.upper_momentum=0", "method.clip=0",
+            "method.upper_lr=1.0", "method.hyper_batches=2", "train.batch_size=32",
+            "optim.weight_decay=0.01"]  # fmt: skip
+    torch.manual_seed(0)
+    model = _linear_model(4, 4)
+    spec = build_loss_spec("la", data.class_counts)
+    x, y, g = data.train.images, data.train.labels, data.train.groups
+    moves, losses = {}, {}
+    for per_group in (False, True):
+        cfg = load_config(None, [*over, f"method.per_group={str(per_group).lower()}"])
+        ab = AutoBalance(cfg, data, spec, None, "cpu")
+        assert ab.needs_train_groups == per_group
+        assert ab.current["l"].shape == ((2, 4) if per_group else (4,))
+        a0 = {k: v.clone() for k, v in ab.coordinator.alpha_sub.items()}
+        losses[per_group] = ab.training_loss(model, x, y, g if per_group else None)
+        ab.hyper_step(model, 0)
+        moves[per_group] = {k: ab.coordinator.alpha_sub[k] - a0[k] for k in a0}
+    assert torch.allclose(losses[True], losses[False])  # the tiled start is the class loss
+    for k, class_move in moves[False].items():
+        summed = moves[True][k].view(2, 4).sum(0)
+        assert class_move.abs().max() > 1e-4, k
+        assert torch.allclose(summed, class_move, rtol=1e-4, atol=1e-6), k
+    # ... and the two groups' updates differ (the cells really are separate parameters).
+    assert not torch.allclose(moves[True]["l"].view(2, 4)[0], moves[True]["l"].view(2, 4)[1])
+    # With distinct rows, sample i is trained under its own group's row: checked sample by sample.
+    cfg = load_config(None, [*over, "method.per_group=true"])
+    ab = AutoBalance(cfg, data, spec, None, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    rows = {k: torch.rand(2, 4, generator=gen) for k in ("l", "delta", "w")}
+    ab.current.update(l=rows["l"] - 0.5, delta=rows["delta"] + 0.5, w=rows["w"] + 0.5)
+    c, z = ab.current, model(x).float()
+    ce = torch.nn.functional.cross_entropy
+    terms = [
+        (c["w"][gi, yi], ce(c["delta"][gi] * zi + c["l"][gi], yi)) for zi, yi, gi in zip(z, y, g)
+    ]
+    manual = sum(w * ce for w, ce in terms) / sum(w for w, _ in terms)
+    assert torch.allclose(ab.training_loss(model, x, y, g), manual, rtol=1e-5)
+    with pytest.raises(ValueError, match="group ids"):
+        ab.training_loss(model, x, y)

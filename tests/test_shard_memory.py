@@ -4,7 +4,9 @@ from abdist.config import load_config
 from abdist.data import build_data
 from abdist.data.digits import load_digits_lt
 from abdist.data.prepare import PrepareOptions, prepare
+from abdist.engine.recipe import run
 from abdist.engine.trainer import train
+from abdist.report import report
 from tests.conftest import FAST, REPO
 
 
@@ -67,6 +69,20 @@ def test_group_shards_tune_autobalance_for_equal_opportunity_and_report_group_me
     counts = torch.tensor(alpha["class_counts"], dtype=torch.float64)
     la = (counts / counts.sum()).log()
     assert (torch.tensor(alpha["l"], dtype=torch.float64) - la).abs().max() > 1e-3
+
+    # Per-(group, class) cells: searched, written to alpha.json, frozen into the retrain.
+    cell_over = [*over[:-1], "method.per_group=true", "method.retrain=true"]
+    cells_cfg = load_config(REPO / "configs/digits_lt/autobalance.yaml", cell_over)
+    run(cells_cfg, tmp_path / "cells")
+    alpha = json.loads((tmp_path / "cells/alpha.json").read_text())
+    cells = alpha["cells"]
+    assert cells["num_groups"] == 2 and alpha["tuned"] == ["w", "l"]
+    assert [len(cells[k]) for k in ("w", "l", "delta")] == [2, 2, 2]
+    assert all(len(row) == 10 for k in ("w", "l", "delta") for row in cells[k])
+    assert torch.tensor(cells["cell_counts"]).sum(0).tolist() == alpha["class_counts"]
+    retrained = json.loads((tmp_path / "cells/retrain/alpha.json").read_text())
+    assert retrained["cells"]["l"] == cells["l"]  # the retrain trained with the found cells
+    assert "digits" in report([tmp_path / "cells"], tmp_path / "plots")  # the table, no crash
 
     with pytest.raises(UserError, match="positive_class"):
         bad = [*FAST, "data.source=shards", f"data.root={shards}", "train.positive_class=10"]

@@ -281,6 +281,7 @@ def train(
         return conf.sum(0), group_confusion_metrics(conf, positive_class)
 
     bad = BadSampleTally(data, dist)
+    with_groups = getattr(method, "needs_train_groups", False)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
@@ -295,6 +296,7 @@ def train(
             augment=augment,
             rank=dist.rank,  # this rank's slice of every global batch of B
             world_size=dist.world_size,
+            **({"with_groups": True} if with_groups else {}),  # per-cell loss parameters
         )
         total_loss, seen, hyper = 0.0, 0, {}
         engine.zero_grad()
@@ -304,12 +306,13 @@ def train(
             desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
             mode=cfg.tracking.progress if dist.is_main else "never",
         )
-        for i, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for i, batch in enumerate(bar):
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            g = batch[2].to(device, non_blocking=True) if with_groups else None
             last_micro = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
             with engine.grad_sync(last_micro):
                 with autocast:
-                    loss = method.training_loss(engine.model, x, y)
+                    loss = method.training_loss(engine.model, x, y, g)
                 if not torch.isfinite(loss):
                     last = ckpts.latest()
                     kept = f"last good checkpoint kept at {last}" if last else "no checkpoint yet"

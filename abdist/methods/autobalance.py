@@ -86,17 +86,37 @@ class AutoBalance:
         def vec(v):
             return None if v is None else torch.as_tensor(v, dtype=torch.float32, device=device)
 
+        # Per (group, class) cell parameters: G groups, vectors [G, C]; row g is group g's loss.
+        self.G = None
         if frozen is not None:
-            self.fixed = {k: vec(frozen.get(k)) for k in TUNABLE}
+            cells = frozen.get("cells")
+            self.G = cells["num_groups"] if cells else None
+            self.fixed = {k: vec((cells or frozen).get(k)) for k in TUNABLE}
             self.D, self.coordinator = None, None
         else:
+            counts = data.class_counts
+            if self.m.per_group:
+                self.G = getattr(data, "num_groups", None)
+                if self.G is None:
+                    raise UserError(
+                        "method.per_group=true needs group attributes in memory (shards prepared "
+                        "with --groups, data.in_memory=true); or set method.per_group=false"
+                    )
+                # The dictionary works on the flattened cell counts like on class counts.
+                counts = self._cell_counts().tolist()
+
+            def tiled(v):  # a class-level preset, the same in every group's row
+                return None if v is None or self.G is None else v.repeat(self.G)
+
             self.fixed = {"w": vec(spec.w), "l": vec(spec.l), "delta": vec(spec.delta), "aug": None}
+            if self.G is not None:
+                self.fixed = {k: tiled(v) for k, v in self.fixed.items()}
             self.D = build_dictionary(
-                data.class_counts,
+                counts,
                 self.m.dictionary,
                 None if self.m.dictionary == "per_class" else (self.m.dictionary_size or C),
             ).to(device)
-            ones = torch.ones(C, device=device)
+            ones = torch.ones(len(counts), device=device)
             init = {
                 "l": self.fixed["l"] if self.fixed["l"] is not None else 0 * ones,
                 "delta": delta_to_logit(
@@ -131,8 +151,41 @@ class AutoBalance:
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def training_loss(self, model, x: Tensor, y: Tensor) -> Tensor:
+    @property
+    def needs_train_groups(self) -> bool:
+        """Whether training batches must carry group ids (per-cell loss parameters)."""
+        return self.G is not None
+
+    def _cell_counts(self) -> Tensor:
+        """Training samples per (group, class) cell, flattened group-major: [G·C]."""
+        train, C = self.data.train, self.data.num_classes
+        cell = train.groups.long() * C + train.labels.long()
+        return torch.bincount(cell, minlength=self.G * C)
+
+    def _per_sample(self, logits: Tensor, y: Tensor, g: Tensor | None, c: dict):
+        """(per-sample loss, per-sample weight or None) under the vectors `c`; with cells,
+        sample i uses row g_i of each [G, C] vector (Δ and l applied to the logits here, the
+        margin, scale and focal term by parametric_cross_entropy as for class vectors)."""
+        kw = dict(margin=self.spec.margin, scale=self.spec.scale,
+                  focal_gamma=self.spec.focal_gamma, reduction="none")  # fmt: skip
+        if self.G is None:
+            per = parametric_cross_entropy(logits, y, l=c["l"], delta=c["delta"], **kw)
+            return per, (c["w"][y] if c["w"] is not None else None)
+        if g is None:
+            raise ValueError("per-group loss parameters need the batch's group ids")
+        z = logits.float()
+        if c["delta"] is not None:
+            z = z * c["delta"][g]
+        if c["l"] is not None:
+            z = z + c["l"][g]
+        per = parametric_cross_entropy(z, y, **kw)
+        return per, (c["w"][g, y] if c["w"] is not None else None)
+
+    def training_loss(self, model, x: Tensor, y: Tensor, g: Tensor | None = None) -> Tensor:
         c = self.current
+        if self.G is not None:
+            per, w = self._per_sample(model(x).float(), y, g, c)
+            return per.mean() if w is None else (w * per).sum() / w.sum()
         return parametric_cross_entropy(
             model(x).float(),
             y,
@@ -155,6 +208,8 @@ class AutoBalance:
 
     def loss_params(self) -> dict[str, list[float]]:
         C = self.data.num_classes
+        if self.G is not None:
+            return self._cell_params()
         neutral = {"w": 1.0, "l": 0.0, "delta": 1.0, "aug": None}
         out = {
             k: (v.tolist() if v is not None else [neutral[k]] * C) for k, v in self.current.items()
@@ -163,6 +218,24 @@ class AutoBalance:
         out["margin"] = margin.tolist() if margin is not None else [0.0] * C
         if out["aug"][0] is None:
             del out["aug"]
+        if self.coordinator is not None:
+            out["tuned"] = list(self.tune)
+            out["alpha_sub"] = {k: v.tolist() for k, v in self.coordinator.alpha_sub.items()}
+        return out
+
+    def _cell_params(self) -> dict:
+        """alpha.json with cells: the [G][C] vectors under "cells" (a per-class plot or table has
+        nothing to show for them), the class-level margin and the search's alpha_sub."""
+        neutral = {"w": 1.0, "l": 0.0, "delta": 1.0}
+        C = self.data.num_classes
+        cells = {"num_groups": self.G}
+        if self.coordinator is not None:
+            cells["cell_counts"] = self._cell_counts().view(self.G, C).tolist()
+        for k, v in neutral.items():
+            t = self.current[k]
+            cells[k] = t.tolist() if t is not None else [[v] * C for _ in range(self.G)]
+        margin = self.spec.margin
+        out = {"cells": cells, "margin": margin.tolist() if margin is not None else [0.0] * C}
         if self.coordinator is not None:
             out["tuned"] = list(self.tune)
             out["alpha_sub"] = {k: v.tolist() for k, v in self.coordinator.alpha_sub.items()}
@@ -203,11 +276,11 @@ class AutoBalance:
 
     def _refresh(self) -> None:
         if self.coordinator is None:
-            self.current = dict(self.fixed)
+            self.current = self._as_cells(self.fixed)
         else:
             with torch.no_grad():
                 alpha = {k: v.detach() for k, v in self.coordinator.alpha_sub.items()}
-                self.current = _expand(self.D, alpha, self.fixed)
+                self.current = self._as_cells(_expand(self.D, alpha, self.fixed))
         if self.current["aug"] is not None:
             self.aug_prob.copy_(self.current["aug"].detach().cpu())
 
@@ -217,6 +290,13 @@ class AutoBalance:
         if self.m.curvature != "auto":
             return self.m.curvature
         return "gauss_newton" if self.m.scope == "full" else "hessian"
+
+    def _as_cells(self, vectors: dict) -> dict:
+        """Flat [G·C] cell vectors as [G, C] rows (class vectors unchanged)."""
+        if self.G is None:
+            return dict(vectors)
+        C = self.data.num_classes
+        return {k: None if v is None else v.reshape(self.G, C) for k, v in vectors.items()}
 
     def _sample_batches(self, split, step: int, augment: bool, shard: bool = False):
         """`hyper_batches` batches drawn with a generator seeded by (seed, step): resumable.
@@ -231,7 +311,9 @@ class AutoBalance:
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
         B = self.cfg.train.batch_size
         rank, world = (self.rank, self.world_size) if shard else (0, 1)
-        with_groups = self.objective.needs_groups and split is self.data.val
+        with_groups = (self.objective.needs_groups and split is self.data.val) or (
+            self.G is not None and split is self.data.train
+        )
         xs, xas, ys, gs = [], [], [], []
         for batch in split.batches(
             B,
@@ -252,33 +334,26 @@ class AutoBalance:
         cat = (lambda t: torch.cat(t).to(self.device)) if xs else None
         return cat(xs), (cat(xas) if augment else None), cat(ys), (cat(gs) if with_groups else None)
 
-    def expected_train_loss(self, alpha_sub, logits, logits_aug, y) -> Tensor:
+    def expected_train_loss(self, alpha_sub, logits, logits_aug, y, g=None) -> Tensor:
         """The training loss as a function of alpha_sub, in expectation over the augmentation mask.
 
         With p_y the class's augmentation probability and ℓ, ℓ_A the per-sample losses of the
         clean and augmented input: Σ_i w_i (p_i ℓ_A,i + (1 − p_i) ℓ_i) / Σ_i w_i. (The weighted
-        mean's normaliser does not depend on the mask, so the expectation is exact.)
+        mean's normaliser does not depend on the mask, so the expectation is exact.) `g`: the
+        samples' groups, for per-cell parameters.
         """
-        c = _expand(self.D, alpha_sub, self.fixed)
-        kw = dict(
-            l=c["l"],
-            delta=c["delta"],
-            margin=self.spec.margin,
-            scale=self.spec.scale,
-            focal_gamma=self.spec.focal_gamma,
-            reduction="none",
-        )
-        per = parametric_cross_entropy(logits, y, **kw)
+        c = self._as_cells(_expand(self.D, alpha_sub, self.fixed))
+        per, w = self._per_sample(logits, y, g, c)
         if logits_aug is not None:
             pa = c["aug"][y]
-            per = pa * parametric_cross_entropy(logits_aug, y, **kw) + (1 - pa) * per
-        w = c["w"][y] if c["w"] is not None else torch.ones_like(per)
+            per = pa * self._per_sample(logits_aug, y, g, c)[0] + (1 - pa) * per
+        w = w if w is not None else torch.ones_like(per)
         return (w * per).sum() / w.sum()
 
     def hyper_step(self, model, step: int) -> dict:
         tune_aug = "aug" in self.tune
         shard_train = self.cfg.dist.hyper_shard == "train_val"
-        x_tr, x_aug, y_tr, _ = self._sample_batches(self.data.train, step, tune_aug, shard_train)
+        x_tr, x_aug, y_tr, g_tr = self._sample_batches(self.data.train, step, tune_aug, shard_train)
         x_val, _, y_val, g_val = self._sample_batches(self.data.val, step + 1, False, shard=True)
         was_training = model.training
         model.eval()  # BatchNorm reads running statistics and writes nothing
@@ -301,7 +376,9 @@ class AutoBalance:
             # Written as loss(logits(θ), α) so that a Gauss-Newton solve can split the two.
             train_loss = OutputLoss(
                 lambda p: (forward(p, x_tr), *((forward(p, x_aug),) if tune_aug else ())),
-                lambda z, a: self.expected_train_loss(a, z[0], z[1] if tune_aug else None, y_tr),
+                lambda z, a: self.expected_train_loss(
+                    a, z[0], z[1] if tune_aug else None, y_tr, g_tr
+                ),
             )
 
             def val_loss(p, a):

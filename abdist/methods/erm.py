@@ -23,8 +23,10 @@ class ERM:
         # resumed run that calls this again gets exactly the loss an uninterrupted run had.
         self.loss.set_epoch(epoch)
 
-    def training_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss(model(x).float(), y)
+    def training_loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.loss(model(x).float(), y)  # g (the groups): no per-group loss here
 
     def after_step(self, step: int, model: nn.Module) -> dict:
         """Hook for methods that update hyperparameters between steps (AutoBalance). ERM: none."""
