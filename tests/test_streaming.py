@@ -44,6 +44,16 @@ def test_streamed_data_has_the_in_memory_metadata(shards):
     assert merged.class_counts == memory.with_val_merged().class_counts
 
 
+def test_group_features_on_streamed_shards_are_one_line_errors(shards, tmp_path):
+    # Streamed shards yield no group ids: asking for them fails up front, in one line each.
+    with pytest.raises(UserError, match="data.in_memory=true"):
+        next(build_data(_cfg("la", shards).data).train.batches(32, shuffle=True, with_groups=True))
+    for extra in ("method.per_group=true", "method.objective=equal_opportunity_gap"):
+        cfg = _cfg("autobalance", shards, "method.tune=[w,l]", "method.warmup_epochs=1", extra)
+        with pytest.raises(UserError, match="in memory"):
+            run(cfg, tmp_path / extra)
+
+
 def test_streamed_autobalance_trains_deterministically_and_resumes_exactly(
     shards, tmp_path, capsys
 ):

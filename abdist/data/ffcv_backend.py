@@ -98,6 +98,7 @@ from torch import Tensor
 from abdist.data.loader import (
     _check_batch_size,
     _draw_seed,
+    _refuse_groups,
     _resolve_rank,
     epoch_batches,
     image_settings,
@@ -520,8 +521,10 @@ class FFCVSplit:
         rank: int | None = None,
         world_size: int | None = None,
         max_batches: int | None = None,
+        with_groups: bool = False,
     ) -> Iterator[tuple[Tensor, ...]]:
-        """Yield ``(x, y)`` (or ``(x, y, idx)`` with ``with_ids``) for one pass on this rank.
+        """Yield ``(x, y)`` (or ``(x, y, idx)`` with ``with_ids``) for one pass on this rank
+        (``with_groups=True``: a one-line error, as for the WebDataset reader).
 
         ``shuffle=True``: a training epoch of exactly :meth:`num_batches` full batches of
         ``batch_size / world_size`` samples (``batch_size`` is the GLOBAL batch), ordered and
@@ -532,6 +535,7 @@ class FFCVSplit:
         normalisation). ``rank`` / ``world_size`` serve another place than the split's own for
         this pass; ``max_batches`` stops after that many batches.
         """
+        _refuse_groups(with_groups)
         _check_batch_size(batch_size)
         rank, world_size = _resolve_rank(
             self.rank if rank is None else rank,

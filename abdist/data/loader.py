@@ -848,8 +848,10 @@ class ShardSplit:
         rank: int | None = None,
         world_size: int | None = None,
         max_batches: int | None = None,
+        with_groups: bool = False,
     ) -> Iterator[tuple[Tensor, ...]]:
         """Yield ``(x, y)`` (or ``(x, y, idx)`` with ``with_ids``) for one pass on this rank.
+        (``with_groups=True``, which ``TensorSplit`` serves, is a one-line error here.)
 
         ``shuffle=True``: a training epoch of exactly :meth:`num_batches` full batches of
         ``batch_size / world_size`` samples (``batch_size`` is the GLOBAL batch, as for
@@ -865,6 +867,7 @@ class ShardSplit:
         stops after that many batches: such a partial pass (a few batches for a hyper step) is
         read in this process, without starting workers.
         """
+        _refuse_groups(with_groups)
         _check_batch_size(batch_size)
         src = self._src
         if (rank, world_size) != (None, None):
@@ -946,6 +949,15 @@ class ShardSplit:
             f"ShardSplit({str(self.root)!r}, {self.split!r}, rank={self.rank}, "
             f"world_size={self.world_size}, num_workers={self.num_workers}, samples={len(self)}, "
             f"shards={len(self._src.shards)})"
+        )
+
+
+def _refuse_groups(with_groups: bool) -> None:
+    """The shard readers do not yield group ids (yet): what needs them must say so in one line."""
+    if with_groups:
+        raise UserError(
+            "streamed shards do not carry group ids yet; group objectives and per-group loss "
+            "parameters need the data in memory (data.in_memory=true)"
         )
 
 

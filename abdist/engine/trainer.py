@@ -129,8 +129,7 @@ def evaluate(
     model.eval()
     cells = num_groups or 1
     conf = torch.zeros(cells * num_classes * num_classes, dtype=torch.long)
-    kw = {"with_groups": True} if num_groups else {}
-    for batch in split.batches(batch_size, shuffle=False, **kw):
+    for batch in split.batches(batch_size, shuffle=False, with_groups=bool(num_groups)):
         with autocast:
             logits = model(batch[0].to(device))
         pred, y = logits.argmax(1).cpu(), batch[1].cpu()
@@ -296,7 +295,7 @@ def train(
             augment=augment,
             rank=dist.rank,  # this rank's slice of every global batch of B
             world_size=dist.world_size,
-            **({"with_groups": True} if with_groups else {}),  # per-cell loss parameters
+            with_groups=with_groups,  # per-cell loss parameters
         )
         total_loss, seen, hyper = 0.0, 0, {}
         engine.zero_grad()

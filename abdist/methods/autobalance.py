@@ -182,20 +182,9 @@ class AutoBalance:
         return per, (c["w"][g, y] if c["w"] is not None else None)
 
     def training_loss(self, model, x: Tensor, y: Tensor, g: Tensor | None = None) -> Tensor:
-        c = self.current
-        if self.G is not None:
-            per, w = self._per_sample(model(x).float(), y, g, c)
-            return per.mean() if w is None else (w * per).sum() / w.sum()
-        return parametric_cross_entropy(
-            model(x).float(),
-            y,
-            w=c["w"],
-            l=c["l"],
-            delta=c["delta"],
-            margin=self.spec.margin,
-            scale=self.spec.scale,
-            focal_gamma=self.spec.focal_gamma,
-        )
+        # The weighted mean Σ w ℓ / Σ w, as parametric_cross_entropy's "mean" (the same ops).
+        per, w = self._per_sample(model(x).float(), y, g, self.current)
+        return per.mean() if w is None else (w * per).sum() / w.sum()
 
     def after_step(self, step: int, model) -> dict:
         if (
@@ -323,7 +312,7 @@ class AutoBalance:
             rank=rank,
             world_size=world,
             max_batches=self.m.hyper_batches,
-            **({"with_groups": True} if with_groups else {}),
+            with_groups=with_groups,
         ):
             x, y = batch[0], batch[1]
             xs.append(x)
