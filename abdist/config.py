@@ -391,6 +391,12 @@ def validate(cfg: Config) -> None:
             "'data.augment_prob' and method.tune=[.., aug] both set the augmentation probability; "
             "drop data.augment_prob and set the starting value with 'method.aug_init'"
         )
+    if cfg.loss.name == "focal" and cfg.loss.gamma > 0 and cfg.method.curvature == "gauss_newton":
+        raise UserError(
+            "'method.curvature=gauss_newton' needs a loss convex in the logits; the focal term "
+            "(loss.gamma > 0) is not, so its Gauss-Newton matrix can be indefinite: use auto "
+            "or hessian"
+        )
     if cfg.method.name == "autobalance" and cfg.method.per_group and "aug" in cfg.method.tune:
         raise UserError(
             "'method.per_group=true' tunes w, l, delta per (group, class) cell; the augmentation "

@@ -81,6 +81,8 @@ def test_cross_field_checks():
         load_config(None, ["train.epochs=2", "optim.warmup_epochs=3"])
     with pytest.raises(UserError, match="data.val"):
         load_config(None, ["data.val=2.5"])
+    with pytest.raises(UserError, match="convex in the logits"):
+        load_config(None, ["loss.name=focal", "loss.gamma=2", "method.curvature=gauss_newton"])
     with pytest.raises(UserError, match="always in memory"):
         load_config(None, ["data.in_memory=false"])
     with pytest.raises(UserError, match="method.aug_init"):

@@ -6,6 +6,8 @@ from abdist.data.digits import load_digits_lt
 from abdist.data.prepare import PrepareOptions, prepare
 from abdist.engine.recipe import run
 from abdist.engine.trainer import train
+from abdist.losses import build_loss_spec
+from abdist.methods.autobalance import AutoBalance
 from abdist.report import report
 from tests.conftest import FAST, REPO
 
@@ -80,8 +82,15 @@ def test_group_shards_tune_autobalance_for_equal_opportunity_and_report_group_me
     assert [len(cells[k]) for k in ("w", "l", "delta")] == [2, 2, 2]
     assert all(len(row) == 10 for k in ("w", "l", "delta") for row in cells[k])
     assert torch.tensor(cells["cell_counts"]).sum(0).tolist() == alpha["class_counts"]
-    retrained = json.loads((tmp_path / "cells/retrain/alpha.json").read_text())
-    assert retrained["cells"]["l"] == cells["l"]  # the retrain trained with the found cells
+    # The retrain's method is built from these cells: [G, C] rows, batches carrying groups.
+    merged = data.with_val_merged()
+    frozen = AutoBalance(cells_cfg, merged, build_loss_spec("la", merged.class_counts), None,
+                         "cpu", frozen=alpha)  # fmt: skip
+    assert frozen.needs_train_groups and frozen.current["l"].tolist() == cells["l"]
+    wrong = {**alpha, "cells": {**cells, "num_groups": 3}}
+    with pytest.raises(UserError, match="retrain on the data searched on"):
+        AutoBalance(cells_cfg, merged, build_loss_spec("la", merged.class_counts), None, "cpu",
+                    frozen=wrong)  # fmt: skip
     assert "digits" in report([tmp_path / "cells"], tmp_path / "plots")  # the table, no crash
 
     with pytest.raises(UserError, match="positive_class"):

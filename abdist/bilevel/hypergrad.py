@@ -44,10 +44,11 @@ Curvature. `curvature="hessian"` (default) uses the true ∇²_θ L_train. For a
 that matrix is indefinite and CG stops on negative curvature after a step or two (measured: every
 full-scope step on ResNet-32). `curvature="gauss_newton"` uses G = Jᵀ ∇²_z ℓ J instead, with
 z = outputs(θ) the logits and ℓ the loss of the logits: positive semi-definite whenever ℓ is convex
-in z (every parametric cross-entropy here is: an affine map of z into a weighted CE), equal to the
-Hessian when the outputs are linear in θ (head scope), and the standard curvature for IFT on deep
-networks. It needs the loss written as `OutputLoss(outputs, loss)`. The mixed term stays exact:
-α enters through ℓ only, so ∂²L/∂θ∂α = Jᵀ ∂²ℓ/∂z∂α.
+in z (the parametric cross-entropy is, an affine map of z into a weighted CE; with a focal term it
+is not, and neither is G), equal to the Hessian when the outputs are linear in θ (head scope), and
+the standard curvature for IFT on deep networks. It needs the loss written as
+`OutputLoss(outputs, loss)`. The mixed term stays exact: α enters through ℓ only, so
+∂²L/∂θ∂α = Jᵀ ∂²ℓ/∂z∂α.
 
 Forward-over-reverse (`hvp_mode="forward"`) recomputes one forward+backward per HVP and keeps no
 graph; reverse-over-reverse (`hvp_mode="reverse"`, default) builds the gradient graph once and

@@ -93,6 +93,8 @@ class AutoBalance:
             self.G = cells["num_groups"] if cells else None
             self.fixed = {k: vec((cells or frozen).get(k)) for k in TUNABLE}
             self.D, self.coordinator = None, None
+            if cells:
+                self._check_frozen_cells()
         else:
             counts = data.class_counts
             if self.m.per_group:
@@ -156,9 +158,22 @@ class AutoBalance:
         """Whether training batches must carry group ids (per-cell loss parameters)."""
         return self.G is not None
 
+    def _check_frozen_cells(self) -> None:
+        """Cells from a search must fit this data: the same groups and classes (else indexing
+        would fail deep in the training step, or on CUDA as a device-side assert)."""
+        C, G = self.data.num_classes, getattr(self.data, "num_groups", None)
+        shapes = {k: tuple(v.shape) for k, v in self.fixed.items() if v is not None}
+        if G is None or any(shape != (self.G, C) for shape in shapes.values()):
+            raise UserError(
+                f"alpha.json 'cells' hold {self.G} groups x {C} classes per vector ({shapes}), but "
+                f"the data has {G or 'no'} groups and {C} classes; retrain on the data searched on"
+            )
+
     def _cell_counts(self) -> Tensor:
         """Training samples per (group, class) cell, flattened group-major: [G·C]."""
         train, C = self.data.train, self.data.num_classes
+        if train.groups is None:
+            raise UserError("method.per_group=true needs group ids on the training split too")
         cell = train.groups.long() * C + train.labels.long()
         return torch.bincount(cell, minlength=self.G * C)
 
@@ -275,10 +290,13 @@ class AutoBalance:
 
     def _curvature(self) -> str:
         # A full network's Hessian is indefinite away from a minimum and stops CG after a step or
-        # two; Gauss-Newton is PSD. For a linear head the two are the same matrix.
+        # two; Gauss-Newton is PSD when the loss is convex in the logits, which the focal term
+        # breaks (config refuses an explicit gauss_newton with it). For a linear head the two are
+        # the same matrix.
         if self.m.curvature != "auto":
             return self.m.curvature
-        return "gauss_newton" if self.m.scope == "full" else "hessian"
+        convex = self.spec.focal_gamma == 0
+        return "gauss_newton" if self.m.scope == "full" and convex else "hessian"
 
     def _as_cells(self, vectors: dict) -> dict:
         """Flat [G·C] cell vectors as [G, C] rows (class vectors unchanged)."""
