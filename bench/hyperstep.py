@@ -544,27 +544,30 @@ def main() -> None:
     load_after = os.getloadavg()
 
     if not args.no_extras:
-        bench.hyper("full")  # leaves spy.last_call on the full scope's closures
-        bd = result["breakdown_full"] = breakdown(bench, 1 if args.quick else 3, not args.quick)
-        # If CG ran all its iterations (no negative-curvature exit): the validation gradient,
-        # the gradient graph, `iterations` HVPs + 1 for the true residual + 1 for the mixed term.
-        # (Only a question for the true Hessian: Gauss-Newton is PSD, so CG always completes.)
-        if bench.spy.last_call[-1].get("curvature") == "hessian":
-            full_iters = bench.cfgs["full"].method.solver_iterations
-            worst = (
-                bd["val_grad_ms"]
-                + bd["build_grad_graph_ms"]
-                + (full_iters + 2) * bd["hvp_reverse_ms"]
-            )
-            result["hyper_full_ms_if_cg_completes_est"] = round(worst, 1)
-            p_ms = bd["plain_step_ms"]  # timed next to the passes, not in the (noisier) rounds
-            result["ratio_full_if_cg_completes_est"] = round(1 + worst / k / p_ms, 3)
-        if args.full_damping_sweep:
-            variants = [
-                {"method": "cg", "iterations": args.full_iters, "damping": float(d)}
-                for d in args.full_damping_sweep.split(",")
-            ]
-            result["full_damping_sweep"] = solver_sweep(bench, variants, None)
+        # The full-scope pass breakdown costs ~15 s of --quick's one minute: full runs only.
+        if not args.quick:
+            bench.hyper("full")  # leaves spy.last_call on the full scope's closures
+            bd = result["breakdown_full"] = breakdown(bench, 3, True)
+            # If CG ran all its iterations (no negative-curvature exit): the validation
+            # gradient, the gradient graph, `iterations` HVPs + 1 for the true residual + 1 for
+            # the mixed term.
+            # (Only a question for the true Hessian: Gauss-Newton is PSD, so CG always completes.)
+            if bench.spy.last_call[-1].get("curvature") == "hessian":
+                full_iters = bench.cfgs["full"].method.solver_iterations
+                worst = (
+                    bd["val_grad_ms"]
+                    + bd["build_grad_graph_ms"]
+                    + (full_iters + 2) * bd["hvp_reverse_ms"]
+                )
+                result["hyper_full_ms_if_cg_completes_est"] = round(worst, 1)
+                p_ms = bd["plain_step_ms"]  # timed next to the passes, not in the (noisier) rounds
+                result["ratio_full_if_cg_completes_est"] = round(1 + worst / k / p_ms, 3)
+            if args.full_damping_sweep:
+                variants = [
+                    {"method": "cg", "iterations": args.full_iters, "damping": float(d)}
+                    for d in args.full_damping_sweep.split(",")
+                ]
+                result["full_damping_sweep"] = solver_sweep(bench, variants, None)
         bench.hyper("head")
         result["breakdown_head"] = breakdown(bench, 3, True)
         variants = [{"method": "cg", "iterations": n} for n in (5, 20, 50, 100, 200)]
