@@ -159,9 +159,10 @@ class DistConfig:
     )
     hyper_shard: str = _opt(
         "val",
-        choices=("val", "train_val"),
-        help="hyper step batches split across ranks: val only (exact for sample-mean "
-        "objectives), or train too (1/W the work, a mean of per-rank estimates)",
+        choices=("none", "val", "train_val"),
+        help="hyper step batches split across ranks: none (exact for every objective, W x the "
+        "validation work), val only (exact for sample-mean objectives), or train too (1/W the "
+        "work, a mean of per-rank estimates)",
     )
     timeout_s: float = _opt(
         600.0, lo=0.0, lo_open=True, help="a rank waiting on a dead peer gives up after this"

@@ -359,9 +359,13 @@ class AutoBalance:
 
     def hyper_step(self, model, step: int) -> dict:
         tune_aug = "aug" in self.tune
-        shard_train = self.cfg.dist.hyper_shard == "train_val"
-        x_tr, x_aug, y_tr, g_tr = self._sample_batches(self.data.train, step, tune_aug, shard_train)
-        x_val, _, y_val, g_val = self._sample_batches(self.data.val, step + 1, False, shard=True)
+        shard = self.cfg.dist.hyper_shard  # none: every rank the whole batches (exact, W× work)
+        x_tr, x_aug, y_tr, g_tr = self._sample_batches(
+            self.data.train, step, tune_aug, shard == "train_val"
+        )
+        x_val, _, y_val, g_val = self._sample_batches(
+            self.data.val, step + 1, False, shard != "none"
+        )
         was_training = model.training
         model.eval()  # BatchNorm reads running statistics and writes nothing
         try:
