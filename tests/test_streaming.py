@@ -44,14 +44,44 @@ def test_streamed_data_has_the_in_memory_metadata(shards):
     assert merged.class_counts == memory.with_val_merged().class_counts
 
 
-def test_group_features_on_streamed_shards_are_one_line_errors(shards, tmp_path):
-    # Streamed shards yield no group ids: asking for them fails up front, in one line each.
-    with pytest.raises(UserError, match="data.in_memory=true"):
+def test_group_features_on_shards_without_groups_are_one_line_errors(shards, tmp_path):
+    with pytest.raises(UserError, match="without --groups"):
         next(build_data(_cfg("la", shards).data).train.batches(32, shuffle=True, with_groups=True))
     for extra in ("method.per_group=true", "method.objective=equal_opportunity_gap"):
         cfg = _cfg("autobalance", shards, "method.tune=[w,l]", "method.warmup_epochs=1", extra)
-        with pytest.raises(UserError, match="in memory"):
+        with pytest.raises(UserError, match="--groups"):
             run(cfg, tmp_path / extra)
+
+
+def test_streamed_groups_evaluate_like_memory_and_drive_per_group_autobalance(tmp_path):
+    import torch
+
+    from abdist.engine.trainer import evaluate
+    from abdist.models import create_model
+
+    csv = tmp_path / "groups.csv"
+    csv.write_text("".join(f"{i},{'ab'[i % 2]}\n" for i in range(1797)))  # sklearn's digits
+    root = tmp_path / "shards"
+    prepare("digits", root, PrepareOptions(imbalance_ratio=10.0, seed=0, shard_size=100,
+                                           groups=str(csv)))  # fmt: skip
+    streamed = build_data(_cfg("la", root).data)
+    memory = build_data(_cfg("la", root, "data.in_memory=true").data)
+    assert streamed.num_groups == memory.num_groups == 2
+    assert streamed.cell_counts() == memory.cell_counts()
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10, in_channels=1, image_size=8)
+    kw = dict(num_classes=10, batch_size=64, device="cpu", num_groups=2,
+              autocast=torch.autocast("cpu", enabled=False))  # fmt: skip
+    conf = evaluate(model, streamed.test, **kw)
+    assert conf.shape == (2, 10, 10) and torch.equal(conf, evaluate(model, memory.test, **kw))
+
+    over = ["method.tune=[w,l]", "method.warmup_epochs=1", "method.per_group=true",
+            "method.objective=equal_opportunity_gap"]  # fmt: skip
+    m = run(_cfg("autobalance", root, *over), tmp_path / "run")
+    assert m["groups"]["group_size"] and 0 <= m["equal_opportunity_gap"] <= 1
+    cells = json.loads((tmp_path / "run/alpha.json").read_text())["cells"]
+    assert cells["num_groups"] == 2 and cells["cell_counts"] == streamed.cell_counts()
+    assert len(cells["l"]) == 2 and cells["l"][0] != cells["l"][1]  # the rows were tuned apart
 
 
 def test_streamed_autobalance_trains_deterministically_and_resumes_exactly(

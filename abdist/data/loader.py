@@ -340,6 +340,7 @@ class _Source:
     world_size: int
     num_workers: int
     shuffle_buffer: int
+    num_groups: int | None = None  # shards prepared with --groups: every sample has a .grp
 
     @property
     def num_samples(self) -> int:
@@ -418,7 +419,7 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 class _Pass(IterableDataset):
     """One pass (an epoch or an evaluation) over the split; each worker runs its own slot.
 
-    Yields ``(kind, payload, bad_records)`` with kind ``"batch"`` (payload ``(x, y, idx)``),
+    Yields ``(kind, payload, bad_records)`` with kind ``"batch"`` (payload ``(x, y, idx, group)``),
     ``"end"`` or ``"error"`` (payload: the one-line message). ``bad_records`` are the bad samples
     met since the previous item, so the consumer can count and warn in its own process.
     """
@@ -504,8 +505,9 @@ class _SlotRun:
 
     # decoding and batching
 
-    def decode(self, rec: tuple) -> tuple[Tensor, int, int] | None:
-        """``(image, label, idx)`` of a raw sample, or None (reported and marked bad)."""
+    def decode(self, rec: tuple) -> tuple[Tensor, int, int, int] | None:
+        """``(image, label, idx, group)`` of a raw sample (group 0 when the shards have no
+        groups), or None (reported and marked bad)."""
         i, pos, key, fields = rec
         src = self.src
         try:
@@ -529,6 +531,7 @@ class _SlotRun:
                 raise _BadSample(
                     "missing", f"idx {fields['idx'][:20]!r} is not an integer"
                 ) from None
+            group = self.group_of(fields)
             image = _decode_image(data, src.channels, src.decoder)
             if image.shape[-2:] != (src.height, src.width):
                 image = _fit(image, src.height, src.width)
@@ -536,9 +539,24 @@ class _SlotRun:
             self.bad.add((i, pos))
             self.report(e.reason, src.shards[i], key, e.detail)
             return None
-        return image, label, idx
+        return image, label, idx, group
 
-    def finish(self, images: Tensor, labels: list[int], ids: list[int]):
+    def group_of(self, fields: dict) -> int:
+        """The sample's group id (0 without groups); a missing or bad one makes it a bad sample."""
+        g = self.src.num_groups
+        if g is None:
+            return 0
+        if "grp" not in fields:
+            raise _BadSample("missing", "no .grp member (the manifest lists groups)")
+        try:
+            group = int(fields["grp"])
+        except ValueError:
+            raise _BadSample("label", f"group {fields['grp'][:20]!r} is not an integer") from None
+        if not 0 <= group < g:
+            raise _BadSample("label", f"group {group} outside [0, {g})")
+        return group
+
+    def finish(self, images: Tensor, labels: list[int], ids: list[int], groups: list[int]):
         """uint8 batch -> transformed, normalised float batch (in the worker)."""
         y = torch.tensor(labels, dtype=torch.int64)
         x = images.float().div_(255)
@@ -553,11 +571,8 @@ class _SlotRun:
                 f"in [0, 1] with B, C = {images.shape[0]}, {images.shape[1]}"
             )
         x = x.sub_(self.mean).div_(self.std)
-        return (
-            "batch",
-            (x.contiguous(), y, torch.tensor(ids, dtype=torch.int64)),
-            self.take_records(),
-        )
+        ids_t, groups_t = (torch.tensor(v, dtype=torch.int64) for v in (ids, groups))
+        return "batch", (x.contiguous(), y, ids_t, groups_t), self.take_records()
 
     def batches(self) -> Iterator[tuple]:
         p, src = self.p, self.src
@@ -574,7 +589,7 @@ class _SlotRun:
             raw = self.read(_segments(src, order, start, stop))
         size = p.batch_size
         shape = (size, src.channels, src.height, src.width)
-        images, labels, ids = torch.empty(shape, dtype=torch.uint8), [], []
+        images, labels, ids, groups = torch.empty(shape, dtype=torch.uint8), [], [], []
         done = 0
         for rec in raw:
             if (rec[0], rec[1]) in self.bad:  # a duplicate of one found bad while buffered
@@ -585,14 +600,15 @@ class _SlotRun:
             images[len(labels)] = sample[0]
             labels.append(sample[1])
             ids.append(sample[2])
+            groups.append(sample[3])
             if len(labels) == size:
-                yield self.finish(images, labels, ids)
-                images, labels, ids = torch.empty(shape, dtype=torch.uint8), [], []
+                yield self.finish(images, labels, ids, groups)
+                images, labels, ids, groups = torch.empty(shape, dtype=torch.uint8), [], [], []
                 done += 1
                 if p.train and done == quota:
                     return
         if labels:  # evaluation only: a training slot's stream never ends before its quota
-            yield self.finish(images[: len(labels)], labels, ids)
+            yield self.finish(images[: len(labels)], labels, ids, groups)
 
     def cycle(self, order: list[int], start: int, stop: int) -> Iterator[tuple]:
         """Training: the slot's range over and over; the whole split if the range has nothing."""
@@ -735,6 +751,7 @@ class ShardSplit:
             world_size=world_size,
             num_workers=num_workers,
             shuffle_buffer=shuffle_buffer,
+            num_groups=len(manifest["group_names"]) if manifest.get("group_names") else None,
         )
         _preload_decoders(decoder)
         self._counts = dict.fromkeys(BAD_REASONS, 0)
@@ -762,6 +779,22 @@ class ShardSplit:
         """Samples per class in this split (summed over the parts of "train+val"), from the
         manifest."""
         return manifest_class_counts(self.manifest, self.split, self.num_classes)
+
+    @property
+    def num_groups(self) -> int | None:
+        """Number of groups (shards prepared with ``--groups``), else None."""
+        return self._src.num_groups
+
+    def cell_counts(self) -> list[list[int]] | None:
+        """Samples per (group, class) in this split (summed over "a+b"), from the manifest."""
+        if self.num_groups is None:
+            return None
+        totals = [[0] * self.num_classes for _ in range(self.num_groups)]
+        for part in self.split.split("+"):
+            for g, row in enumerate(self.manifest["splits"][part]["group_class_counts"]):
+                for c, n in enumerate(row):
+                    totals[g][c] += int(n)
+        return totals
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -850,8 +883,9 @@ class ShardSplit:
         max_batches: int | None = None,
         with_groups: bool = False,
     ) -> Iterator[tuple[Tensor, ...]]:
-        """Yield ``(x, y)`` (or ``(x, y, idx)`` with ``with_ids``) for one pass on this rank.
-        (``with_groups=True``, which ``TensorSplit`` serves, is a one-line error here.)
+        """Yield ``(x, y)`` for one pass on this rank, then ``idx`` (the sample indices) with
+        ``with_ids`` and ``g`` (the group ids; shards prepared with ``--groups``) with
+        ``with_groups``: ``(x, y, idx, g)`` with both.
 
         ``shuffle=True``: a training epoch of exactly :meth:`num_batches` full batches of
         ``batch_size / world_size`` samples (``batch_size`` is the GLOBAL batch, as for
@@ -867,7 +901,11 @@ class ShardSplit:
         stops after that many batches: such a partial pass (a few batches for a hyper step) is
         read in this process, without starting workers.
         """
-        _refuse_groups(with_groups)
+        if with_groups and self.num_groups is None:
+            raise UserError(
+                f"{self.root}: these shards were prepared without --groups and carry no group ids "
+                "(re-run abdist prepare with --groups CSV)"
+            )
         _check_batch_size(batch_size)
         src = self._src
         if (rank, world_size) != (None, None):
@@ -913,13 +951,13 @@ class ShardSplit:
                     break
                 if kind != "batch":
                     continue
-                x, y, idx = payload
+                x, y, idx, g = payload
                 if not shuffle and drop_last and len(y) < batch_size:
                     continue
                 if augment is not None:
                     x = augment(x, generator, y)
                 yielded += 1
-                yield (x, y, idx) if with_ids else (x, y)
+                yield (x, y, *((idx,) if with_ids else ()), *((g,) if with_groups else ()))
                 if yielded == max_batches:
                     return
         finally:
@@ -953,11 +991,11 @@ class ShardSplit:
 
 
 def _refuse_groups(with_groups: bool) -> None:
-    """The shard readers do not yield group ids (yet): what needs them must say so in one line."""
+    """The FFCV reader does not yield group ids (yet): what needs them says so in one line."""
     if with_groups:
         raise UserError(
-            "streamed shards do not carry group ids yet; group objectives and per-group loss "
-            "parameters need the data in memory (data.in_memory=true)"
+            "the FFCV reader does not yield group ids yet; read group data with the WebDataset "
+            "shards (ShardSplit, or abdist train)"
         )
 
 

@@ -166,6 +166,14 @@ class DataBundle:
         ids = [g for g in ids if len(g)]
         return max(int(g.max()) for g in ids) + 1 if ids else None
 
+    def cell_counts(self) -> list[list[int]] | None:
+        """Training samples per (group, class); None without groups."""
+        G, C, train = self.num_groups, self.num_classes, self.train
+        if G is None or train.groups is None:
+            return None
+        cell = train.groups.long() * C + train.labels.long()
+        return torch.bincount(cell, minlength=G * C).view(G, C).tolist()
+
     def with_val_merged(self) -> DataBundle:
         """Train on train+val, with an empty validation split (a retrain phase's data)."""
 

@@ -51,6 +51,15 @@ class StreamingBundle:
         """Training samples per class, from the manifest."""
         return self.train.class_counts
 
+    @property
+    def num_groups(self) -> int | None:
+        """Number of groups (shards prepared with --groups), else None."""
+        return self.train.num_groups
+
+    def cell_counts(self) -> list[list[int]] | None:
+        """Training samples per (group, class), from the manifest."""
+        return self.train.cell_counts()
+
     def with_val_merged(self) -> StreamingBundle:
         """Train on the train and val shards together, with an empty validation split."""
         c, h, w = self.train.image_shape

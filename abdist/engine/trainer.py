@@ -259,8 +259,8 @@ def train(
 
     # Evaluation: every rank scores its own slice of the split; the confusion matrices are summed,
     # so each sample counts exactly once. The bare module: no gradient sync, uneven slices are fine.
-    # Group attributes (in-memory shards prepared with --groups): fairness metrics as well.
-    num_groups = getattr(data, "num_groups", None)
+    # Group attributes (shards prepared with --groups): fairness metrics as well.
+    num_groups = data.num_groups
     positive_class = check_positive_class(cfg, data.num_classes) if num_groups else None
 
     def evaluate_split(split):

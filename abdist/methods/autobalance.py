@@ -98,14 +98,17 @@ class AutoBalance:
         else:
             counts = data.class_counts
             if self.m.per_group:
-                self.G = getattr(data, "num_groups", None)
+                self.G = data.num_groups
                 if self.G is None:
                     raise UserError(
-                        "method.per_group=true needs group attributes in memory (shards prepared "
-                        "with --groups, data.in_memory=true); or set method.per_group=false"
+                        "method.per_group=true needs group ids (shards prepared with --groups); "
+                        "or set method.per_group=false"
                     )
                 # The dictionary works on the flattened cell counts like on class counts.
-                counts = self._cell_counts().tolist()
+                cells = data.cell_counts()
+                if cells is None:
+                    raise UserError("method.per_group=true needs group ids on the training split")
+                counts = [n for row in cells for n in row]
 
             def tiled(v):  # a class-level preset, the same in every group's row
                 return None if v is None or self.G is None else v.repeat(self.G)
@@ -161,21 +164,13 @@ class AutoBalance:
     def _check_frozen_cells(self) -> None:
         """Cells from a search must fit this data: the same groups and classes (else indexing
         would fail deep in the training step, or on CUDA as a device-side assert)."""
-        C, G = self.data.num_classes, getattr(self.data, "num_groups", None)
+        C, G = self.data.num_classes, self.data.num_groups
         shapes = {k: tuple(v.shape) for k, v in self.fixed.items() if v is not None}
         if G is None or any(shape != (self.G, C) for shape in shapes.values()):
             raise UserError(
                 f"alpha.json 'cells' hold {self.G} groups x {C} classes per vector ({shapes}), but "
                 f"the data has {G or 'no'} groups and {C} classes; retrain on the data searched on"
             )
-
-    def _cell_counts(self) -> Tensor:
-        """Training samples per (group, class) cell, flattened group-major: [G·C]."""
-        train, C = self.data.train, self.data.num_classes
-        if train.groups is None:
-            raise UserError("method.per_group=true needs group ids on the training split too")
-        cell = train.groups.long() * C + train.labels.long()
-        return torch.bincount(cell, minlength=self.G * C)
 
     def _per_sample(self, logits: Tensor, y: Tensor, g: Tensor | None, c: dict):
         """(per-sample loss, per-sample weight or None) under the vectors `c`; with cells,
@@ -234,7 +229,7 @@ class AutoBalance:
         C = self.data.num_classes
         cells = {"num_groups": self.G}
         if self.coordinator is not None:
-            cells["cell_counts"] = self._cell_counts().view(self.G, C).tolist()
+            cells["cell_counts"] = self.data.cell_counts()
         for k, v in neutral.items():
             t = self.current[k]
             cells[k] = t.tolist() if t is not None else [[v] * C for _ in range(self.G)]
@@ -258,11 +253,10 @@ class AutoBalance:
     def _build_objective(self):
         name, kw = self.m.objective, {}
         if name == "equal_opportunity_gap":
-            if getattr(self.data.val, "groups", None) is None:
+            if self.data.num_groups is None:
                 raise UserError(
-                    "method.objective=equal_opportunity_gap needs group attributes in memory "
-                    "(shards prepared with --groups, data.in_memory=true), or pick balanced_ce / "
-                    "worst_class / blend"
+                    "method.objective=equal_opportunity_gap needs group ids (shards prepared "
+                    "with --groups), or pick balanced_ce / worst_class / blend"
                 )
             kw.update(
                 temperature=self.m.temperature,
