@@ -76,22 +76,26 @@ def _check_range(t: torch.Tensor, num_classes: int, what: str) -> None:
         raise ValueError(f"{what} contains {bad}, outside the valid range [0, {num_classes - 1}]")
 
 
-def confusion_matrix(preds: Any, labels: Any, num_classes: int) -> torch.Tensor:
-    """Count (true, predicted) pairs.
+def confusion_matrix(
+    preds: Any, labels: Any, num_classes: int, groups: Any = None, num_groups: int | None = None
+) -> torch.Tensor:
+    """Count (true, predicted) pairs, optionally per group.
 
     Args:
         preds: predicted class indices, any shape (flattened); tensor or anything
             `torch.as_tensor` accepts. Must be integers (not logits).
         labels: true class indices, same number of elements as `preds`.
         num_classes: C, the number of classes.
+        groups, num_groups: optional group ids in [0, G) (same number of elements) and G: then
+            one confusion matrix per group.
 
     Returns:
-        int64 tensor of shape [C, C] on the device of `labels`, where entry [i, j] counts
-        samples of true class i predicted as class j.
+        int64 tensor of shape [C, C] (with groups: [G, C, C]) on the device of `labels`, where
+        entry [i, j] ([g, i, j]) counts samples of true class i (of group g) predicted as class j.
 
     Raises:
         ValueError: on non-integer inputs, mismatched sizes, or any label/prediction outside
-            [0, C).
+            [0, C) (group outside [0, G)).
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -104,8 +108,17 @@ def confusion_matrix(preds: Any, labels: Any, num_classes: int) -> torch.Tensor:
     # (or grow the output), so they must be rejected up front.
     _check_range(y, num_classes, "labels")
     _check_range(p, num_classes, "preds")
-    flat = torch.bincount(y * num_classes + p, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
+    cell = y
+    if groups is not None:
+        g = _as_index_tensor(groups, "groups").to(y.device)
+        if g.numel() != y.numel() or num_groups is None:
+            raise ValueError("groups needs num_groups and one id per label")
+        _check_range(g, num_groups, "groups")
+        cell = g * num_classes + y  # (group, true class) as one index
+    cells = num_classes * (num_groups if groups is not None else 1)
+    flat = torch.bincount(cell * num_classes + p, minlength=cells * num_classes)
+    shape = (num_groups, num_classes, num_classes) if groups is not None else (num_classes,) * 2
+    return flat.reshape(shape)
 
 
 def _as_confusion(confusion: Any) -> torch.Tensor:
@@ -277,10 +290,8 @@ def group_metrics(preds: Any, labels: Any, groups: Any, positive_class: int = 1)
         raise ValueError("group_metrics needs at least one sample")
 
     num_classes = int(max(int(p.max()), int(y.max()), positive_class)) + 1
-    ids, cell = torch.unique(g, return_inverse=True)
-    confusions = torch.stack(
-        [confusion_matrix(p[cell == i], y[cell == i], num_classes) for i in range(len(ids))]
-    )
+    ids, cell = torch.unique(g, return_inverse=True)  # any integer ids -> 0..G-1
+    confusions = confusion_matrix(p, y, num_classes, groups=cell, num_groups=len(ids))
     return group_confusion_metrics(confusions, positive_class, group_ids=ids.tolist())
 
 

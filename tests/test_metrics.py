@@ -209,3 +209,14 @@ def test_accumulator_on_cuda_if_available():
     acc.update(torch.tensor(PREDS, device="cuda"), torch.tensor(LABELS, device="cuda"))
     assert acc.confusion.device.type == "cuda"
     assert acc.compute()["accuracy"] == pytest.approx(0.8)
+
+
+def test_confusion_matrix_per_group_is_the_confusion_of_each_group_s_samples():
+    gen = torch.Generator().manual_seed(0)
+    p, y, g = (torch.randint(0, n, (200,), generator=gen) for n in (4, 4, 3))
+    conf = confusion_matrix(p, y, 4, groups=g, num_groups=3)
+    assert conf.shape == (3, 4, 4) and int(conf.sum()) == 200
+    for i in range(3):
+        assert torch.equal(conf[i], confusion_matrix(p[g == i], y[g == i], 4))
+    with pytest.raises(ValueError, match="groups"):
+        confusion_matrix(p, y, 4, groups=g, num_groups=2)

@@ -35,7 +35,12 @@ from abdist.io import write_json, write_text
 from abdist.losses import ParametricLoss, build_loss_spec
 from abdist.methods.autobalance import AutoBalance
 from abdist.methods.erm import ERM
-from abdist.metrics import GROUP_SCALAR_METRICS, class_metrics, group_confusion_metrics
+from abdist.metrics import (
+    GROUP_SCALAR_METRICS,
+    class_metrics,
+    confusion_matrix,
+    group_confusion_metrics,
+)
 from abdist.models import create_model
 from abdist.tracking import JsonlLogger, progress
 from abdist.wandb_tracking import make_tracker
@@ -127,16 +132,15 @@ def evaluate(
     """Confusion matrix of argmax(raw logits) over every sample of `split`, each counted once:
     [C, C], or one per group, [G, C, C], with `num_groups` (the split must carry groups)."""
     model.eval()
-    cells = num_groups or 1
-    conf = torch.zeros(cells * num_classes * num_classes, dtype=torch.long)
+    shape = (num_groups, num_classes, num_classes) if num_groups else (num_classes, num_classes)
+    conf = torch.zeros(shape, dtype=torch.long)  # a rank's slice may be empty
     for batch in split.batches(batch_size, shuffle=False, with_groups=bool(num_groups)):
         with autocast:
             logits = model(batch[0].to(device))
-        pred, y = logits.argmax(1).cpu(), batch[1].cpu()
-        g = batch[2].cpu() if num_groups else torch.zeros_like(y)
-        conf += torch.bincount((g * num_classes + y) * num_classes + pred, minlength=conf.numel())
-    conf = conf.view(cells, num_classes, num_classes)
-    return conf if num_groups else conf[0]
+        groups = batch[2].cpu() if num_groups else None
+        conf += confusion_matrix(logits.argmax(1).cpu(), batch[1].cpu(), num_classes, groups,
+                                 num_groups)  # fmt: skip
+    return conf
 
 
 class BadSampleTally:
