@@ -98,17 +98,14 @@ class AutoBalance:
         else:
             counts = data.class_counts
             if self.m.per_group:
-                self.G = data.num_groups
-                if self.G is None:
-                    raise UserError(
-                        "method.per_group=true needs group ids (shards prepared with --groups); "
-                        "or set method.per_group=false"
-                    )
-                # The dictionary works on the flattened cell counts like on class counts.
                 cells = data.cell_counts()
                 if cells is None:
-                    raise UserError("method.per_group=true needs group ids on the training split")
-                counts = [n for row in cells for n in row]
+                    raise UserError(
+                        "method.per_group=true needs group ids on the training split (shards "
+                        "prepared with --groups); or set method.per_group=false"
+                    )
+                # The dictionary works on the flattened cell counts like on class counts.
+                self.G, counts = len(cells), [n for row in cells for n in row]
 
             def tiled(v):  # a class-level preset, the same in every group's row
                 return None if v is None or self.G is None else v.repeat(self.G)
@@ -205,36 +202,25 @@ class AutoBalance:
             return {}
         return self.hyper_step(model, step)
 
-    def loss_params(self) -> dict[str, list[float]]:
+    def loss_params(self) -> dict:
+        """alpha.json: per-class w, l, Δ (and aug) lists; with cells the [G][C] vectors go under
+        "cells" instead (a per-class plot or table has nothing to show for them)."""
         C = self.data.num_classes
-        if self.G is not None:
-            return self._cell_params()
-        neutral = {"w": 1.0, "l": 0.0, "delta": 1.0, "aug": None}
-        out = {
-            k: (v.tolist() if v is not None else [neutral[k]] * C) for k, v in self.current.items()
-        }
-        margin = self.spec.margin
-        out["margin"] = margin.tolist() if margin is not None else [0.0] * C
-        if out["aug"][0] is None:
-            del out["aug"]
-        if self.coordinator is not None:
-            out["tuned"] = list(self.tune)
-            out["alpha_sub"] = {k: v.tolist() for k, v in self.coordinator.alpha_sub.items()}
-        return out
-
-    def _cell_params(self) -> dict:
-        """alpha.json with cells: the [G][C] vectors under "cells" (a per-class plot or table has
-        nothing to show for them), the class-level margin and the search's alpha_sub."""
         neutral = {"w": 1.0, "l": 0.0, "delta": 1.0}
-        C = self.data.num_classes
-        cells = {"num_groups": self.G}
-        if self.coordinator is not None:
-            cells["cell_counts"] = self.data.cell_counts()
-        for k, v in neutral.items():
-            t = self.current[k]
-            cells[k] = t.tolist() if t is not None else [[v] * C for _ in range(self.G)]
+        vectors = {}
+        for k, v in self.current.items():
+            if v is not None:
+                vectors[k] = v.tolist()
+            elif k in neutral:  # an untuned, preset-free vector: written out as neutral
+                row = [neutral[k]] * C
+                vectors[k] = row if self.G is None else [row] * self.G
         margin = self.spec.margin
-        out = {"cells": cells, "margin": margin.tolist() if margin is not None else [0.0] * C}
+        out = {"margin": margin.tolist() if margin is not None else [0.0] * C}
+        if self.G is None:
+            out = {**vectors, **out}
+        else:
+            counts = {"cell_counts": self.data.cell_counts()} if self.coordinator else {}
+            out = {"cells": {"num_groups": self.G, **counts, **vectors}, **out}
         if self.coordinator is not None:
             out["tuned"] = list(self.tune)
             out["alpha_sub"] = {k: v.tolist() for k, v in self.coordinator.alpha_sub.items()}
