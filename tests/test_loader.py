@@ -46,12 +46,15 @@ def write_shards(
     seed: int = 0,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    groups: int = 0,
 ) -> dict[str, dict[int, tuple[int, np.ndarray]]]:
     """Write ``<split>-NNNNNN.tar`` shards of the given sizes + manifest.json under ``root``.
 
     Sample ``i`` of a split has label ``i % NUM_CLASSES`` and a random 8x8 RGB image.
     ``corrupt[(split, i)]`` damages sample ``i``: ``"image"`` (bytes that are no image),
-    ``"truncated"`` (half an encoded JPEG), ``"label"`` (label out of range), ``"no_cls"``.
+    ``"truncated"`` (half an encoded JPEG), ``"label"`` (label out of range), ``"no_cls"``;
+    with ``groups`` > 0 sample ``i`` has group ``i % groups``, and ``"no_grp"`` / ``"grp"``
+    (out of range) damage it.
     Returns ``{split: {i: (label, image HWC uint8)}}`` for the intact samples.
     """
     corrupt = corrupt or {}
@@ -62,7 +65,7 @@ def write_shards(
         "format": "abdist-shards/1",
         "class_names": [f"class{c}" for c in range(NUM_CLASSES)],
         "num_classes": NUM_CLASSES,
-        "group_names": None,
+        "group_names": [f"g{k}" for k in range(groups)] or None,
         "image": {"channels": 3, "size": SIZE},
         "splits": {},
     }
@@ -70,6 +73,7 @@ def write_shards(
         manifest["image"].update(mean=mean, std=std)
     for split, sizes in splits.items():
         truth[split], shards, counts, i = {}, [], [0] * NUM_CLASSES, 0
+        cells = [[0] * NUM_CLASSES for _ in range(groups)]
         for k, n in enumerate(sizes):
             name = f"{split}-{k:06d}.tar"
             with wds.TarWriter(str(root / name)) as writer:
@@ -83,6 +87,9 @@ def write_shards(
                         "cls": str(label).encode(),
                         "idx": str(i).encode(),
                     }
+                    if groups:
+                        sample["grp"] = str(i % groups).encode()
+                        cells[i % groups][label] += 1
                     damage = corrupt.get((split, i))
                     if damage == "image":
                         sample[fmt] = b"this is not an image"
@@ -92,6 +99,10 @@ def write_shards(
                         sample["cls"] = str(NUM_CLASSES + 2).encode()
                     elif damage == "no_cls":
                         del sample["cls"]
+                    elif damage == "no_grp":
+                        del sample["grp"]
+                    elif damage == "grp":
+                        sample["grp"] = str(groups).encode()
                     writer.write(sample)
                     if damage is None:
                         truth[split][i] = (label, image)
@@ -99,6 +110,8 @@ def write_shards(
             digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
             shards.append({"name": name, "num_samples": n, "sha256": digest})
         manifest["splits"][split] = {"num_samples": i, "class_counts": counts, "shards": shards}
+        if groups:
+            manifest["splits"][split]["group_class_counts"] = cells
     (root / "manifest.json").write_text(json.dumps(manifest))
     return truth
 
@@ -465,3 +478,17 @@ def test_two_ranks_train_the_same_number_of_batches_on_uneven_shards(two_ranks):
     # All 193 good samples drawn, plus repeats to fill 2 x 7 full batches; no corrupt one.
     assert len(ids) == 224 and set(ids) == set(range(195)) - {5, 150}
     assert sum(r["bad"]["decode"] for r in two_ranks) == 2  # each corrupt image counted once
+
+
+def test_group_ids_stream_with_their_samples_and_bad_ones_are_skipped(tmp_path):
+    corrupt = {("val", 3): "no_grp", ("val", 8): "grp"}
+    write_shards(tmp_path, {"val": [12, 9]}, groups=3, corrupt=corrupt)
+    split = ShardSplit(tmp_path, "val", num_workers=2)
+    cells = [[sum(1 for i in range(21) if (i % 3, i % NUM_CLASSES) == (g, c))
+              for c in range(NUM_CLASSES)] for g in range(3)]  # fmt: skip
+    assert split.num_groups == 3 and split.cell_counts() == cells  # as the manifest says
+    seen = {}
+    for _, _, idx, g in split.batches(5, shuffle=False, with_ids=True, with_groups=True):
+        seen.update(zip(idx.tolist(), g.tolist()))
+    assert seen == {i: i % 3 for i in range(21) if i not in (3, 8)}
+    assert split.bad_sample_counts["total"] == 2
