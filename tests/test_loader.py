@@ -488,7 +488,10 @@ def test_group_ids_stream_with_their_samples_and_bad_ones_are_skipped(tmp_path):
               for c in range(NUM_CLASSES)] for g in range(3)]  # fmt: skip
     assert split.num_groups == 3 and split.cell_counts() == cells  # as the manifest says
     seen = {}
-    for _, _, idx, g in split.batches(5, shuffle=False, with_ids=True, with_groups=True):
-        seen.update(zip(idx.tolist(), g.tolist()))
+    with pytest.warns(BadSampleWarning) as caught:  # one readable line per skipped sample
+        for _, _, idx, g in split.batches(5, shuffle=False, with_ids=True, with_groups=True):
+            seen.update(zip(idx.tolist(), g.tolist()))
+    messages = sorted(str(w.message) for w in caught)
+    assert "no .grp member" in messages[0] and "group 3 outside [0, 3)" in messages[1]
     assert seen == {i: i % 3 for i in range(21) if i not in (3, 8)}
     assert split.bad_sample_counts["total"] == 2
