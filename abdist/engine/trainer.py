@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from abdist.config import Config, check_positive_class, config_from_dict
+from abdist.config import Config, check_positive_class
 from abdist.data import build_augment, build_data
 from abdist.data.memory import class_aware
 from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
 from abdist.engine.dist import init_dist, sync_batchnorm, wrap
+from abdist.engine.rundir import check_out_dir, check_resumable, resume_state
 from abdist.errors import UserError
 from abdist.io import write_json, write_text
 from abdist.losses import ParametricLoss, build_loss_spec
@@ -95,29 +96,6 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def _check_resumable(run_dir: Path, cfg: Config) -> None:
-    """Refuse to resume a run directory that holds a run with a different config."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
-    import yaml
-
-    saved = config_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)).to_dict()
-    new = cfg.to_dict()
-    diffs = [
-        f"{s}.{k}: {saved[s][k]!r} -> {new[s][k]!r}"
-        for s in new
-        if s != "tracking"  # where output goes does not change the run
-        for k in new[s]
-        if saved[s].get(k) != new[s][k]
-    ]
-    if diffs:
-        raise UserError(
-            f"{run_dir} holds a run with a different config ({'; '.join(diffs[:3])}); "
-            "pass another --out, or delete that directory to start over"
-        )
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -180,7 +158,8 @@ def train(
     run_dir = Path(run_dir)
     dist = init_dist(cfg)  # torchrun / Slurm / one process; the process group; this rank's device
     dist.check_same_config(cfg.to_dict(), str(run_dir))
-    _check_resumable(run_dir, cfg)
+    check_out_dir(run_dir)
+    check_resumable(run_dir, cfg)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -246,7 +225,7 @@ def train(
     log = JsonlLogger(run_dir / "log.jsonl" if jsonl else None)
     start_epoch, best = 0, {"epoch": -1, "val_balanced_error": math.inf}
     best_weights = None
-    state = ckpts.load_latest()
+    state = resume_state(ckpts, run_dir, verbose=dist.is_main)  # never a silent restart
     if state is not None:
         engine.load_state_dict(state, ckpts.root)  # model + optimiser (DeepSpeed: its own files)
         scheduler.load_state_dict(state["scheduler"])
