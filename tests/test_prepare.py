@@ -537,3 +537,140 @@ def test_cli_prepare_and_verify(cifar, tmp_path):
     r = run_cli("prepare", folder, tmp_path / "x", "--val", "1.5")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- empty classes
+
+
+def assert_refused(r, out: Path, *facts: str) -> str:
+    """Exit 2 with one ``abdist: error:`` line naming ``facts``; neither OUT nor OUT.tmp-* left."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("abdist: error: "), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    for fact in facts:
+        assert fact in lines[0], (fact, lines[0])
+    assert not list(out.parent.glob(out.name + "*")), list(out.parent.iterdir())
+    return lines[0]
+
+
+def make_lists(tmp_path: Path, labels: dict[str, list[int]]) -> tuple[list[str], dict[str, Path]]:
+    """Tiny grayscale JPEGs under ``tmp_path/imgs`` and one list file per split of ``labels``."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    files = {}
+    for split, labs in labels.items():
+        lines = ["# path label"]
+        for i, c in enumerate(labs):
+            (root / f"{split}_{i}.jpg").write_bytes(_jpeg(rng, size=8, mode="L"))
+            lines.append(f"{split}_{i}.jpg {c}")
+        files[split] = tmp_path / f"{split}.txt"
+        files[split].write_text("\n".join(lines) + "\n")
+    args = [f"--list={s}={f}" for s, f in files.items()]
+    return [*args, "--root", str(root)], files
+
+
+def test_list_label_past_the_classes_is_refused_with_its_line(tmp_path):
+    # Ten classes 0..9, and a stray 12 on line 42 of train.txt (line 1 is a comment): C = 13
+    # leaves classes 10 and 11 without training samples.
+    train = [c for c in range(10) for _ in range(4)]
+    train.insert(40, 12)
+    args, files = make_lists(tmp_path, {"train": train, "test": list(range(10))})
+    out = tmp_path / "o"
+    r = run_cli("prepare", "list", out, *args, "--val", "1")
+    line = assert_refused(r, out, "no training samples for 2 of 13 classes (10, 11)")
+    assert f"label 12 at {files['train']}:42 makes 13" in line and "--allow-empty-classes" in line
+
+
+@pytest.mark.parametrize("kind, test_images", [("folder", True), ("folder", False), ("tar", True)])
+def test_empty_image_folder_class_is_refused(tmp_path, kind, test_images):
+    tree = make_image_tree(tmp_path / "tree")
+    (tree / "train" / "fox").mkdir()  # a class folder with nothing in it
+    (tree / "test" / "fox").mkdir()
+    if test_images:
+        (tree / "test" / "fox" / "0.jpg").write_bytes(_jpeg(np.random.default_rng(1)))
+    src = tree if kind == "folder" else make_tar(tree, tmp_path / "tree.tar.gz")
+    out = tmp_path / "o"
+    r = run_cli("prepare", src, out)
+    assert_refused(r, out, "no training samples for 1 of 4 classes ('fox')", "train/<class>/")
+
+
+def test_val_without_a_tail_class_is_refused(cifar, tmp_path):
+    # exp, rho = 30 over 30: classes 8 and 9 keep a single sample, which stays in train.
+    folder, _ = cifar
+    out = tmp_path / "o"
+    r = run_cli("prepare", folder, out, "--imbalance-ratio", "30", "--val", "0.2")
+    assert_refused(
+        r,
+        out,
+        "no validation samples for 2 of 10 classes ('class8', 'class9')",
+        "--val 0",
+        "--allow-empty-classes",
+    )
+    # A val split the source brings along is checked the same way.
+    args, _ = make_lists(tmp_path, {"train": [0, 0, 1, 1], "val": [0, 0], "test": [0, 1]})
+    r = run_cli("prepare", "list", out, *args)
+    assert_refused(r, out, "no validation samples for 1 of 2 classes (1)", "--val N")
+
+
+def test_allow_empty_classes_writes_valid_output_with_one_warning(cifar, tmp_path):
+    folder, _ = cifar
+    out = tmp_path / "o"
+    args = ["prepare", folder, out, "--imbalance-ratio", "30", "--val", "0.2"]
+    r = run_cli(*args, "--allow-empty-classes")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == (
+        "abdist: warning: classes without samples: val 2 of 10 classes ('class8', 'class9'), "
+        "kept (--allow-empty-classes)"
+    )
+    m = manifest_of(out)
+    assert m["splits"]["val"]["class_counts"][8:] == [0, 0]
+    assert m["splits"]["train"]["class_counts"][8:] == [1, 1]
+    assert verify_shards(out) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+    # An empty training class too, except where a long tail needs every class.
+    tree = make_image_tree(tmp_path / "tree")
+    (tree / "train" / "fox").mkdir()
+    r = run_cli("prepare", tree, tmp_path / "t", "--val", "1", "--allow-empty-classes")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "train 1 of 4 classes ('fox'); val 1 of 4 classes ('fox'); test 1 of 4" in r.stderr
+    assert manifest_of(tmp_path / "t")["splits"]["train"]["class_counts"] == [11, 7, 5, 0]
+    r = run_cli("prepare", tree, tmp_path / "u", "--imbalance-ratio", "2", "--allow-empty-classes")
+    assert_refused(r, tmp_path / "u", "('fox')", "--imbalance-ratio needs every class")
+
+
+def test_class_missing_from_test_is_a_warning(tmp_path):
+    tree = make_image_tree(tmp_path / "tree")
+    for p in (tree / "test" / "eel").iterdir():
+        p.unlink()
+    r = run_cli("prepare", tree, tmp_path / "o", "--val", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == (
+        "abdist: warning: classes without samples: test 1 of 3 classes ('eel')"
+    )
+    assert manifest_of(tmp_path / "o")["splits"]["test"]["class_counts"] == [3, 3, 0]
+
+
+def test_json_category_without_training_images_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "inat"
+    root.mkdir()
+    cats = [{"id": 7, "name": "Plantae"}, {"id": 9, "name": "Fungi"}, {"id": 40, "name": "Aves"}]
+    docs = {}
+    for split, per in (("train", {7: 3, 40: 3}), ("test", {7: 1, 9: 1, 40: 1})):
+        images, anns = [], []
+        for cid, n in per.items():
+            for i in range(n):
+                rel = f"{split}_{cid}_{i}.jpg"
+                (root / rel).write_bytes(_jpeg(rng, size=8))
+                images.append({"id": len(anns), "file_name": rel})
+                anns.append({"image_id": len(anns), "category_id": cid})
+        docs[split] = str(tmp_path / f"{split}.json")
+        Path(docs[split]).write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats})
+        )
+    with pytest.raises(UserError, match=r"1 of 3 classes \('Fungi'\); every category") as err:
+        prepare("inat", tmp_path / "o", PrepareOptions(val=1), jsons=docs, root=str(root))
+    assert "\n" not in str(err.value) and not list(tmp_path.glob("o*"))

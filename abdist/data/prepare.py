@@ -12,6 +12,11 @@ Steps, each deterministic given the seed:
 5. write the manifest, then rename ``OUT.tmp-<pid>`` to ``OUT``: a directory named ``OUT`` is
    always complete, an interrupted prepare leaves none.
 
+Before anything is written the planned splits are checked for classes without samples
+(:func:`check_classes`): none in train, or none in a non-empty validation split, is refused
+(training, or AutoBalance tuning on validation, would go wrong much later) unless
+``allow_empty_classes``; none in test is only a warning.
+
 Digits is the one exception to steps 2-3: its splits come from
 :func:`abdist.data.digits.digits_lt_indices`, so shards hold exactly the samples of the in-memory
 ``load_digits_lt`` with the same options and seed.
@@ -24,6 +29,7 @@ import io
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -174,10 +180,10 @@ def _longtail_pool(src: Source, opts: PrepareOptions, seed: int) -> np.ndarray:
         return np.arange(labels.size, dtype=np.int64)
     per_class = np.bincount(labels, minlength=src.num_classes)
     if per_class.min() == 0:
-        c = int(per_class.argmin())
+        empty = np.flatnonzero(per_class == 0).tolist()
         raise UserError(
-            f"class {c} ({src.class_names[c]!r}) has no training samples; a long-tailed subset "
-            "needs every class"
+            f"no training samples for {_class_list(src, empty)}; --imbalance-ratio needs every "
+            "class (also with --allow-empty-classes)"
         )
     n_max = opts.n_max if opts.n_max is not None else int(per_class.min())
     counts = longtail_counts(
@@ -206,8 +212,14 @@ def _balanced_split(
     return stratified_split(labels, pool, k, seed)
 
 
-def plan_splits(src: Source, opts: PrepareOptions) -> dict[str, tuple[str, np.ndarray]]:
-    """``{split: (source split, sorted indices into it)}`` for ``train``, ``val`` and ``test``."""
+def plan_splits(
+    src: Source, opts: PrepareOptions, *, allow_empty_classes: bool = False
+) -> dict[str, tuple[str, np.ndarray]]:
+    """``{split: (source split, sorted indices into it)}`` for ``train``, ``val`` and ``test``.
+
+    Checked with :func:`check_classes` (``UserError`` for a class without training or
+    validation samples unless ``allow_empty_classes``).
+    """
     s_lt, s_split, _ = _stage_seeds(opts.seed)
     if src.kind == "digits":
         from abdist.data.digits import digits_lt_indices
@@ -228,9 +240,16 @@ def plan_splits(src: Source, opts: PrepareOptions) -> dict[str, tuple[str, np.nd
             idx["train"], idx["val"] = _balanced_split(
                 src.splits["all"].labels, idx["train"], val, s_split
             )
-        return {split: ("all", idx[split]) for split in SPLITS}
+        plan = {split: ("all", idx[split]) for split in SPLITS}
+        check_classes(src, plan, allow_empty_classes)
+        return plan
 
     labels = src.splits["train"].labels
+    # The source's own training split first: an empty class there is the user's data, not a
+    # consequence of the options, and is named before --imbalance-ratio would trip over it.
+    check_classes(
+        src, {"train": ("train", np.arange(labels.size))}, allow_empty_classes, warn=False
+    )
     pool = _longtail_pool(src, opts, s_lt)
     if "val" in src.splits:
         if opts.val is not None or opts.val_balanced:
@@ -246,7 +265,91 @@ def plan_splits(src: Source, opts: PrepareOptions) -> dict[str, tuple[str, np.nd
         train, val_idx = split(labels, pool, val, s_split)
         plan = {"train": ("train", train), "val": ("train", val_idx)}
     plan["test"] = ("test", np.arange(len(src.splits["test"]), dtype=np.int64))
+    check_classes(src, plan, allow_empty_classes)
     return plan
+
+
+# --------------------------------------------------------------------------- class checks
+
+ALLOW_EMPTY = "--allow-empty-classes"
+
+
+def _warn(message: str) -> None:
+    print(f"abdist: warning: {message}", file=sys.stderr)
+
+
+def _class_list(src: Source, ids: list[int], limit: int = 10) -> str:
+    """``"2 of 13 classes (10, 11)"``; folder/JSON classes by name: ``"1 of 4 classes ('fox')"``."""
+    numeric = src.class_names == [str(c) for c in range(src.num_classes)]
+    shown = [str(c) if numeric else repr(src.class_names[c]) for c in ids[:limit]]
+    if len(ids) > limit:
+        shown.append(f"... {len(ids) - limit} more")
+    noun = "class" if src.num_classes == 1 else "classes"
+    return f"{len(ids)} of {src.num_classes} {noun} ({', '.join(shown)})"
+
+
+def _empty_hint(src: Source) -> str:
+    """Where classes without training samples come from, by source kind."""
+    if src.kind == "list":
+        top = src.num_classes - 1
+        return (
+            f"; list files have classes 0..largest label, and label {top} at "
+            f"{src.label_sites.get(top, '?')} makes {src.num_classes}: check that line"
+        )
+    if src.kind.startswith("folder"):
+        return (
+            "; every <split>/<class>/ folder names a class: add images to train/<class>/ or "
+            "remove that class's folders"
+        )
+    if src.kind == "inat":
+        return "; every category in the JSON files is a class"
+    return ""
+
+
+def check_classes(
+    src: Source,
+    plan: dict[str, tuple[str, np.ndarray]],
+    allow_empty_classes: bool = False,
+    *,
+    warn: bool = True,
+) -> None:
+    """Refuse (``UserError``) or warn about classes with no samples in a planned split.
+
+    - train: refused; with ``allow_empty_classes`` a warning;
+    - val, if it has samples at all (``--val 0`` asks for none): refused, since AutoBalance tunes
+      on validation and would silently leave the class out; with ``allow_empty_classes`` a
+      warning;
+    - test: a warning (those classes are not evaluated).
+
+    The warnings go into one ``abdist: warning:`` line on stderr (none with ``warn=False``).
+    """
+    empty = {}
+    for split, (sname, idx) in plan.items():
+        if split == "val" and idx.size == 0:
+            continue
+        counts = np.bincount(src.splits[sname].labels[idx], minlength=src.num_classes)
+        if (counts == 0).any():
+            empty[split] = np.flatnonzero(counts == 0).tolist()
+    if not allow_empty_classes and "train" in empty:
+        raise UserError(
+            f"no training samples for {_class_list(src, empty['train'])}"
+            f"{_empty_hint(src)}; or pass {ALLOW_EMPTY} to keep them"
+        )
+    if not allow_empty_classes and "val" in empty:
+        if plan["val"][0] == "val":
+            fix = (
+                "the source's val split lacks them: add some, or drop it and carve one with --val N"
+            )
+        else:
+            fix = "a class with 1 training sample keeps it in train; use --val 0 for no validation"
+        raise UserError(
+            f"no validation samples for {_class_list(src, empty['val'])}; {fix}, or pass "
+            f"{ALLOW_EMPTY} to tune on the other classes"
+        )
+    if warn and empty:
+        parts = [f"{split} {_class_list(src, ids)}" for split, ids in empty.items()]
+        kept = f", kept ({ALLOW_EMPTY})" if empty.keys() - {"test"} else ""
+        _warn(f"classes without samples: {'; '.join(parts)}{kept}")
 
 
 def _sorted_names(names: set[str]) -> list[str]:
@@ -401,6 +504,7 @@ def prepare(
     jsons: dict[str, str] | None = None,
     root: str | None = None,
     force: bool = False,
+    allow_empty_classes: bool = False,
 ) -> dict:
     """Convert the raw dataset ``source`` into shards in ``out``; returns the manifest.
 
@@ -410,6 +514,8 @@ def prepare(
     :mod:`abdist.data.shards` for the exact formats. Byte-identical for equal inputs, options and
     seed. An existing ``out`` is only replaced with ``force=True`` (and only if it holds an earlier
     prepare's output); the work happens in ``out.tmp-<pid>`` beside it, removed on any error.
+    A class without training or validation samples is refused unless ``allow_empty_classes``
+    (see :func:`check_classes`); like ``force`` it never changes what is written.
     """
     opts = options if options is not None else PrepareOptions()
     opts.validate()
@@ -425,7 +531,7 @@ def prepare(
         with open_source(
             source, lists=lists, jsons=jsons, root=root, scratch=tmp / "_scratch"
         ) as src:
-            manifest = _write_all(src, opts, tmp, writer)
+            manifest = _write_all(src, opts, tmp, writer, allow_empty_classes)
         shutil.rmtree(tmp / "_scratch", ignore_errors=True)
         manifest["options"] = {
             **asdict(opts),
@@ -446,10 +552,12 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
-def _write_all(src: Source, opts: PrepareOptions, tmp: Path, writer: SplitWriter) -> dict:
+def _write_all(
+    src: Source, opts: PrepareOptions, tmp: Path, writer: SplitWriter, allow_empty: bool
+) -> dict:
     from abdist import __version__
 
-    plan = plan_splits(src, opts)
+    plan = plan_splits(src, opts, allow_empty_classes=allow_empty)
     group_names, group_ids = _assign_groups(src, plan, opts)
     _, _, shuffle_seq = _stage_seeds(opts.seed)
     shuffle_seeds = dict(zip(SPLITS, shuffle_seq.spawn(len(SPLITS))))

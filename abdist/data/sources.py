@@ -89,6 +89,9 @@ class Source:
     path: str
     class_names: list[str]
     splits: dict[str, SourceSplit]
+    # List files only: where each label first appears ("FILE:LINE"), so that a message about a
+    # class can point at the line that created it (classes are counted as largest label + 1).
+    label_sites: dict[int, str] = field(default_factory=dict)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -394,9 +397,14 @@ def _is_hidden(parts: list[str]) -> bool:
 
 
 def _tree_layout(
-    rel_paths: list[str], where: str
+    rel_paths: list[str], where: str, class_dirs: list[str] = ()
 ) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
-    """Class names and ``{split: [(rel_path, class_name)]}`` of a ``split/class/file`` tree."""
+    """Class names and ``{split: [(rel_path, class_name)]}`` of a ``split/class/file`` tree.
+
+    Every ``<split>/<class>`` folder names a class, also one without images (``class_dirs``, the
+    tree's folders): such an empty class is then refused or kept by :mod:`abdist.data.prepare`
+    instead of vanishing without a word.
+    """
     by_split: dict[str, list[tuple[str, str]]] = {}
     for rel in sorted(rel_paths):  # sorted: the same tree gives the same order on any filesystem
         parts = rel.split("/")
@@ -413,14 +421,22 @@ def _tree_layout(
             raise UserError(
                 f"{where}: no images under {need}/<class>/ (expected <split>/<class>/<file>)"
             )
-    classes = sorted({c for items in by_split.values() for _, c in items})
-    return classes, by_split
+    classes = {c for items in by_split.values() for _, c in items}
+    for rel in class_dirs:
+        parts = rel.split("/")
+        if len(parts) == 2 and parts[0] in SPLITS and parts[1] and not _is_hidden(parts):
+            classes.add(parts[1])
+    return sorted(classes), by_split
 
 
 def _tree_source(
-    kind: str, where: str, rel_paths: list[str], reader: Callable[[str], bytes]
+    kind: str,
+    where: str,
+    rel_paths: list[str],
+    reader: Callable[[str], bytes],
+    class_dirs: list[str] = (),
 ) -> Source:
-    classes, by_split = _tree_layout(rel_paths, where)
+    classes, by_split = _tree_layout(rel_paths, where, class_dirs)
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split, items in by_split.items():
@@ -433,11 +449,13 @@ def _tree_source(
 def read_image_folder(root: str | Path) -> Source:
     """An image tree ``<root>/<split>/<class>/<file>``; classes are the sorted folder names."""
     root = Path(root)
-    rel_paths = []
+    rel_paths, class_dirs = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         rel_paths += [f if rel_dir == "." else f"{rel_dir}/{f}" for f in filenames]
+        if rel_dir in SPLITS:
+            class_dirs += [f"{rel_dir}/{d}" for d in dirnames]
 
     def read(rel: str) -> bytes:
         try:
@@ -445,7 +463,7 @@ def read_image_folder(root: str | Path) -> Source:
         except OSError as exc:
             raise UserError(f"{root / rel}: cannot read ({exc.strerror})") from None
 
-    return _tree_source("folder", str(root.resolve()), rel_paths, read)
+    return _tree_source("folder", str(root.resolve()), rel_paths, read, class_dirs)
 
 
 _DECOMPRESSORS = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
@@ -475,7 +493,7 @@ def read_image_tar(path: str | Path, scratch: str | Path | None = None) -> Sourc
             raise UserError(f"{path}: cannot decompress ({exc})") from None
     try:
         with tarfile.open(plain, "r:") as tf:
-            members = [m for m in tf.getmembers() if m.isfile()]
+            members = tf.getmembers()
     except tarfile.TarError as exc:
         raise UserError(f"{path}: not a readable tar archive ({exc})") from None
 
@@ -484,7 +502,8 @@ def read_image_tar(path: str | Path, scratch: str | Path | None = None) -> Sourc
             name = name[2:]
         return name.lstrip("/")
 
-    entries = {norm(m.name): (m.offset_data, m.size) for m in members}
+    entries = {norm(m.name): (m.offset_data, m.size) for m in members if m.isfile()}
+    dirs = [norm(m.name).rstrip("/") for m in members if m.isdir()]
     images = [
         n
         for n in entries
@@ -495,6 +514,7 @@ def read_image_tar(path: str | Path, scratch: str | Path | None = None) -> Sourc
         # One wrapping folder (`tar czf data.tgz data/`): drop it so keys read train/cat/x.jpg.
         prefix = next(iter(tops)) + "/"
         entries = {n[len(prefix) :]: v for n, v in entries.items() if n.startswith(prefix)}
+        dirs = [d[len(prefix) :] for d in dirs if d.startswith(prefix)]
     fh = open(plain, "rb")  # noqa: SIM115 - closed by Source.close
 
     def read(rel: str) -> bytes:
@@ -503,7 +523,7 @@ def read_image_tar(path: str | Path, scratch: str | Path | None = None) -> Sourc
         return fh.read(size)
 
     try:
-        src = _tree_source("folder-tar", str(path.resolve()), list(entries), read)
+        src = _tree_source("folder-tar", str(path.resolve()), list(entries), read, dirs)
     except BaseException:
         fh.close()
         raise
@@ -537,17 +557,19 @@ def _check_splits(files: dict[str, str], flag: str) -> None:
 def read_list_files(lists: dict[str, str], root: str | Path) -> Source:
     """ImageNet-LT-style list files: ``path label [group]`` per line, paths relative to ``root``.
 
-    Labels are integers 0..C-1 (C = largest label + 1; class names are the label numbers). An
-    optional third column is a group attribute, given either on every line or on none. Blank
-    lines and lines starting with ``#`` are skipped; paths may not contain spaces.
+    Labels are integers 0..C-1: C is the largest label in any of the files + 1 and the class names
+    are the label numbers, so a label outside the intended range shows up as classes without
+    training samples (a gap), which :mod:`abdist.data.prepare` refuses. An optional third column
+    is a group attribute, given either on every line or on none. Blank lines and lines starting
+    with ``#`` are skipped; paths may not contain spaces.
     """
     _check_splits(lists, "--list")
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--root {root}: not a directory")
     read = _file_reader(root)
-    parsed = {}
-    for split, file in lists.items():
+    parsed, sites = {}, {}
+    for split, file in sorted(lists.items(), key=lambda kv: SPLITS.index(kv[0])):
         rels, labels, groups = [], [], []
         try:
             lines = Path(file).read_text().splitlines()
@@ -561,6 +583,7 @@ def read_list_files(lists: dict[str, str], root: str | Path) -> Source:
                 raise UserError(f"{file}:{lineno}: expected 'path label [group]', got {line!r}")
             rels.append(tok[0])
             labels.append(int(tok[1]))
+            sites.setdefault(labels[-1], f"{file}:{lineno}")
             groups.append(tok[2] if len(tok) == 3 else None)
         if not rels:
             raise UserError(f"{file}: no samples")
@@ -577,7 +600,8 @@ def read_list_files(lists: dict[str, str], root: str | Path) -> Source:
         )
         for split, (rels, labels, groups) in parsed.items()
     }
-    return Source("list", str(root.resolve()), [str(c) for c in range(num_classes)], splits)
+    names = [str(c) for c in range(num_classes)]
+    return Source("list", str(root.resolve()), names, splits, label_sites=sites)
 
 
 # --------------------------------------------------------------------------- iNaturalist JSON
