@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,7 +42,19 @@ class DataConfig:
     seed: int = _opt(0, lo=0, help="seed of the subsample and split")
     workers: int = _opt(2, lo=0, help="streaming: loader worker processes per rank")
     shuffle_buffer: int = _opt(1000, lo=0, help="streaming: samples each worker shuffles among")
-    bad_data: str = _opt("skip", choices=("skip", "error"), help="streaming: corrupt samples")
+    bad_data: str = _opt(
+        "skip",
+        choices=("skip", "error"),
+        help="shards, in memory and streamed: a sample that does not decode is skipped and "
+        "counted, or stops the run (damaged shard files always stop it)",
+    )
+    max_bad_fraction: float = _opt(
+        0.01,
+        lo=0.0,
+        hi=1.0,
+        help="shards: stop when more than this share of a split is skipped as bad "
+        "(0: not one; 1: no limit)",
+    )
     augment_pad: int = _opt(1, lo=0, help="random-shift augmentation in pixels (0 = off)")
     augment_flip: bool = _opt(False, help="random horizontal flip")
     augment_prob: float = _opt(
@@ -52,7 +65,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = _opt("small_cnn", help="small_cnn, resnet8/20/32/44/56, or tv:<torchvision name>")
-    head: str = _opt("linear", choices=("linear", "cosine"))
+    head: str = _opt(
+        "linear", choices=("linear", "cosine"), help="classifier head (cosine: for ldam's scale)"
+    )
 
 
 @dataclass
@@ -60,13 +75,14 @@ class LossConfig:
     name: str = _opt(
         "ce",
         choices=("ce", "la", "balanced_softmax", "ldam", "ldam_drw", "cdt", "vs", "focal"),
+        help="loss preset (README: Losses); AutoBalance starts from it",
     )
     tau: float = _opt(1.0, help="logit-adjustment strength (la, vs)")
     gamma: float = _opt(0.0, lo=0.0, help="cdt/vs exponent, focal gamma")
-    ldam_max_margin: float = _opt(0.5, lo=0.0)
-    ldam_scale: float = _opt(30.0, lo=0.0, lo_open=True)
+    ldam_max_margin: float = _opt(0.5, lo=0.0, help="ldam: margin of the rarest class")
+    ldam_scale: float = _opt(30.0, lo=0.0, lo_open=True, help="ldam: logit scale s")
     drw_epoch: int = _opt(160, lo=0, help="ldam_drw: epoch at which re-weighting starts")
-    drw_beta: float = _opt(0.9999, lo=0.0, hi=1.0)
+    drw_beta: float = _opt(0.9999, lo=0.0, hi=1.0, help="ldam_drw: class-balanced weight beta")
 
 
 @dataclass
@@ -75,10 +91,20 @@ class MethodConfig:
     # AutoBalance: the loss preset in `loss` is the initialisation (ce: neutral, la: l = tau*log pi,
     # cdt: delta ~ (n/n_max)^gamma, vs: both); these keys say what is tuned and how.
     tune: list = _opt(["l", "delta"], help="subset of w, l, delta, aug")
-    dictionary: str = _opt("per_class", choices=("per_class", "buckets", "interp"))
+    dictionary: str = _opt(
+        "per_class",
+        choices=("per_class", "buckets", "interp"),
+        help="frequency dictionary: per class, buckets by log-frequency, interp over rank",
+    )
     dictionary_size: int = _opt(0, lo=0, help="K for buckets/interp (0 = number of classes)")
-    hypergrad: str = _opt("cg", choices=("exact", "cg", "neumann"))
-    scope: str = _opt("head", choices=("head", "full"))
+    hypergrad: str = _opt(
+        "cg", choices=("exact", "cg", "neumann"), help="inverse-Hessian solve of the hypergradient"
+    )
+    scope: str = _opt(
+        "head",
+        choices=("head", "full"),
+        help="hypergradient through the head only, or every weight",
+    )
     solver_iterations: int = _opt(50, lo=1, help="CG/Neumann iterations (head: cheap)")
     damping: float = _opt(0.0, lo=0.0, help="extra lambda*I in the Hessian solve")
     curvature: str = _opt(
@@ -87,7 +113,9 @@ class MethodConfig:
         help="H in the solve; auto: hessian for scope=head, gauss_newton (PSD) for scope=full",
     )
     objective: str = _opt(
-        "balanced_ce", choices=("balanced_ce", "worst_class", "blend", "equal_opportunity_gap")
+        "balanced_ce",
+        choices=("balanced_ce", "worst_class", "blend", "equal_opportunity_gap"),
+        help="validation objective the loss parameters are tuned for",
     )
     temperature: float = _opt(0.1, lo=0.0, lo_open=True, help="worst_class / EO soft-max T")
     blend_beta: float = _opt(
@@ -96,9 +124,11 @@ class MethodConfig:
     warmup_epochs: int = _opt(5, lo=0, help="epochs of plain training before hyper steps")
     hyper_interval: int = _opt(20, lo=1, help="a hyper step every k optimiser steps")
     hyper_batches: int = _opt(2, lo=1, help="train and val batches per hyper step")
-    upper_optim: str = _opt("adam", choices=("sgd", "adam"))
-    upper_lr: float = _opt(0.05, lo=0.0, lo_open=True)
-    upper_momentum: float = _opt(0.9, lo=0.0, hi=1.0)
+    upper_optim: str = _opt(
+        "adam", choices=("sgd", "adam"), help="optimiser of the loss parameters"
+    )
+    upper_lr: float = _opt(0.05, lo=0.0, lo_open=True, help="learning rate of the loss parameters")
+    upper_momentum: float = _opt(0.9, lo=0.0, hi=1.0, help="upper_optim=sgd: momentum")
     clip: float = _opt(1.0, lo=0.0, help="max norm of the hypergradient (0 = off)")
     aug_init: float = _opt(0.5, lo=0.0, hi=1.0, help="initial per-class augmentation prob.")
     per_group: bool = _opt(
@@ -109,13 +139,19 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _opt("sgd", choices=("sgd", "adamw"))
-    lr: float = _opt(0.1, lo=0.0, lo_open=True)
-    momentum: float = _opt(0.9, lo=0.0, hi=1.0)
-    nesterov: bool = _opt(False)
-    weight_decay: float = _opt(5e-4, lo=0.0)
-    schedule: str = _opt("cosine", choices=("cosine", "step", "constant"))
-    warmup_epochs: float = _opt(0.0, lo=0.0)
+    name: str = _opt("sgd", choices=("sgd", "adamw"), help="optimiser of the network weights")
+    lr: float = _opt(0.1, lo=0.0, lo_open=True, help="base learning rate (the peak after warm-up)")
+    momentum: float = _opt(0.9, lo=0.0, hi=1.0, help="sgd: momentum")
+    nesterov: bool = _opt(False, help="sgd: Nesterov momentum")
+    weight_decay: float = _opt(5e-4, lo=0.0, help="weight decay (also in the AutoBalance Hessian)")
+    schedule: str = _opt(
+        "cosine",
+        choices=("cosine", "step", "constant"),
+        help="lr after warm-up: cosine to 0, step (x gamma at milestones), constant",
+    )
+    warmup_epochs: float = _opt(
+        0.0, lo=0.0, help="linear lr warm-up, in epochs (may be fractional)"
+    )
     milestones: list = _opt([], help="step schedule: epochs at which lr *= gamma")
     gamma: float = _opt(0.1, lo=0.0, lo_open=True, help="step schedule decay factor")
 
@@ -123,25 +159,27 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     name: str = _opt("run", help="run name; the default output dir is runs/<name>")
-    epochs: int = _opt(30, lo=1)
+    epochs: int = _opt(30, lo=1, help="epochs per phase (AutoBalance: search and retrain each)")
     batch_size: int = _opt(64, lo=1, help="the GLOBAL batch: each of W ranks takes batch_size/W")
-    eval_batch_size: int = _opt(512, lo=1)
+    eval_batch_size: int = _opt(512, lo=1, help="batch size of validation and test passes")
     grad_accum: int = _opt(1, lo=1, help="micro-batches per optimiser step")
-    precision: str = _opt("fp32", choices=("fp32", "bf16"))
-    seed: int = _opt(0, lo=0)
+    precision: str = _opt("fp32", choices=("fp32", "bf16"), help="bf16: autocast forward passes")
+    seed: int = _opt(0, lo=0, help="seed of initialisation, batch order and augmentation")
     deterministic: bool = _opt(True, help="torch deterministic algorithms")
     threads: int = _opt(
         0, lo=0, help="torch CPU threads of the node, split among its ranks (0 = torch default)"
     )
     select: str = _opt("last", choices=("last", "best_val"), help="which weights to test")
     merge_val: bool = _opt(False, help="train on train+val (no validation metrics)")
-    keep_checkpoints: int = _opt(2, lo=1)
+    keep_checkpoints: int = _opt(2, lo=1, help="how many of the latest checkpoints to keep")
     many_shot_min: int = _opt(100, lo=0, help="many-shot: train count > this")
     positive_class: int = _opt(
         1, lo=0, help="group data: the class whose TPR the equal-opportunity gap compares"
     )
     few_shot_max: int = _opt(20, lo=0, help="few-shot: train count < this")
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    device: str = _opt(
+        "auto", choices=("auto", "cpu", "cuda"), help="auto: a GPU when one is visible, else cpu"
+    )
 
 
 @dataclass
@@ -210,6 +248,49 @@ def all_keys() -> list[str]:
     """Every valid dotted key, e.g. 'optim.lr'."""
     cfg = Config()
     return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def describe_key(meta: dict) -> str:
+    """A field's meaning and allowed values, e.g. 'lr schedule ...; one of cosine, step'."""
+    parts = [meta["help"]] if meta.get("help") else []
+    if meta.get("choices"):
+        parts.append("one of " + ", ".join(map(str, meta["choices"])))
+    bounds = []
+    if meta.get("lo") is not None:
+        bounds.append(f"{'>' if meta.get('lo_open') else '>='} {meta['lo']}")
+    if meta.get("hi") is not None:
+        bounds.append(f"<= {meta['hi']}")
+    if bounds:
+        parts.append(" and ".join(bounds))
+    return "; ".join(parts)
+
+
+def explain_yaml(cfg: Config) -> str:
+    """`cfg` as YAML (what `to_yaml` writes) with each key's meaning as a trailing comment."""
+    lines = [
+        "# every key: its value, what it means and what it accepts (`abdist config --explain`)"
+    ]
+    body = []
+    for s in SECTIONS:
+        section = getattr(cfg, s)
+        body.append((f"{s}:", ""))
+        for f in dataclasses.fields(section):
+            value = yaml.safe_dump(
+                getattr(section, f.name), default_flow_style=True, width=float("inf")
+            )
+            value = value.removesuffix("\n").removesuffix("\n...").strip()
+            text = "\n".join("    " + ln for ln in value.splitlines())
+            text = f"  {f.name}: {value}" if "\n" not in value else f"  {f.name}:\n{text}"
+            body.append((text, describe_key(f.metadata)))
+    col = min(40, max(len(k) for k, _ in body if "\n" not in k) + 2)
+    for text, comment in body:
+        if not comment:
+            lines.append(text)
+        elif "\n" in text:  # a value YAML spreads over several lines: the comment goes above
+            lines += [f"  # {comment}", text]
+        else:
+            lines.append(f"{text.ljust(col)}# {comment}")
+    return "\n".join(lines) + "\n"
 
 
 def _suggest(key: str, candidates: list[str]) -> str:
@@ -406,7 +487,9 @@ def validate(cfg: Config) -> None:
     if cfg.method.name == "autobalance" and cfg.method.warmup_epochs >= cfg.train.epochs:
         raise UserError(
             f"'method.warmup_epochs' ({cfg.method.warmup_epochs}) leaves no search epochs within "
-            f"'train.epochs' ({cfg.train.epochs})"
+            f"'train.epochs' ({cfg.train.epochs}): set method.warmup_epochs="
+            f"{max(0, cfg.train.epochs - 1)} (or less), or train.epochs="
+            f"{cfg.method.warmup_epochs + 1} (or more)"
         )
     if cfg.dist.zero_stage and cfg.dist.backend != "deepspeed":
         raise UserError(
@@ -416,7 +499,8 @@ def validate(cfg: Config) -> None:
     if cfg.optim.warmup_epochs > cfg.train.epochs:
         raise UserError(
             f"'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds "
-            f"'train.epochs' ({cfg.train.epochs})"
+            f"'train.epochs' ({cfg.train.epochs}): set optim.warmup_epochs={cfg.train.epochs} "
+            f"(or less), or train.epochs={math.ceil(cfg.optim.warmup_epochs)} (or more)"
         )
 
 

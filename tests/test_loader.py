@@ -262,7 +262,6 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path):
         "decode": 2,
         "label": 1,
         "missing": 1,
-        "unreadable": 0,
         "total": 4,
     }
     messages = " | ".join(str(w.message) for w in caught)
@@ -292,22 +291,49 @@ def test_bad_data_error_raises_one_line_user_error_with_location(tmp_path, damag
         list(split.batches(4, shuffle=True, generator=torch.Generator()))
 
 
-def test_truncated_shard_counts_unreadable_samples(tmp_path):
+def _cut(shard: Path, size: int) -> None:
+    shard.chmod(0o644)
+    shard.write_bytes(shard.read_bytes()[:size])
+
+
+@pytest.mark.parametrize("bad_data", ["skip", "error"])
+def test_truncated_shard_is_a_damaged_file_never_skipped(tmp_path, bad_data):
     write_shards(tmp_path, {"val": [30, 10]})
     shard = tmp_path / "val-000000.tar"
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) // 2])  # roughly samples 15..29 lost
-    split = ShardSplit(tmp_path, "val", world_size=1, num_workers=2)
-    with pytest.warns(BadSampleWarning, match="val-000000.tar"):
-        ids = _ids(split, 8, shuffle=False)
-    counts = split.bad_sample_counts
-    lost = counts["total"]  # unreadable, plus "missing" if the cut leaves half a sample
-    assert 10 <= lost <= 20 and counts["unreadable"] >= lost - 1
-    assert len(ids) == 40 - lost and len(set(ids)) == len(ids)
-    assert set(range(30, 40)) <= set(ids)  # the intact shard is fully read
-    strict = ShardSplit(tmp_path, "val", bad_data="error")
-    with pytest.raises(UserError, match=r"val-000000\.tar"):
-        list(strict.batches(8, shuffle=False))
+    size = shard.stat().st_size
+    _cut(shard, size // 2 + 100)  # not whole tar blocks: refused by one stat, before reading
+    with pytest.raises(UserError, match=r"val-000000\.tar is damaged: .*512-byte tar blocks"):
+        ShardSplit(tmp_path, "val", bad_data=bad_data)
+    _cut(shard, (size // 2) // 512 * 512)  # whole blocks: found while reading, in a worker too
+    split = ShardSplit(tmp_path, "val", num_workers=2, bad_data=bad_data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BadSampleWarning)  # no sample of it is "skipped"
+        with pytest.raises(UserError, match=r"val-000000\.tar is damaged: .*abdist prepare"):
+            list(split.batches(8, shuffle=False))
+        with pytest.raises(UserError, match=r"val-000000\.tar is damaged"):
+            list(split.batches(8, shuffle=True, generator=torch.Generator()))
+    assert split.bad_sample_counts["total"] == 0
+
+
+def test_shard_cut_between_samples_or_holding_extra_samples_is_damaged(tmp_path):
+    write_shards(tmp_path, {"val": [12]})
+    shard = tmp_path / "val-000000.tar"
+    members = list(tarfile.open(shard))
+    # Cut exactly where sample 6 starts: whole blocks, every sample before it intact; only the
+    # missing end-of-archive marker (and the count) say the file is short.
+    first6 = next(m for m in members if m.name.startswith("val-00000006"))
+    _cut(shard, first6.offset)
+    split = ShardSplit(tmp_path, "val")
+    with pytest.raises(UserError, match="damaged: truncated: no tar end-of-archive marker"):
+        list(split.batches(4, shuffle=False))
+    # The manifest lists fewer samples than the shard holds: damaged as well.
+    write_shards(tmp_path, {"val": [12]})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["splits"]["val"]["num_samples"] = 11
+    manifest["splits"]["val"]["shards"][0]["num_samples"] = 11
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="holds more samples than the 11 the manifest lists"):
+        list(ShardSplit(tmp_path, "val").batches(4, shuffle=False))
 
 
 def test_corrupt_tar_header_is_reported(tmp_path):
@@ -319,9 +345,32 @@ def test_corrupt_tar_header_is_reported(tmp_path):
     data[offsets[0] + 10] ^= 0xFF
     shard.write_bytes(bytes(data))
     split = ShardSplit(tmp_path, "val")
-    with pytest.warns(BadSampleWarning, match="checksum mismatch.*after sample 'val-00000005'"):
-        ids = _ids(split, 4, shuffle=False)
-    assert ids == list(range(6)) and split.bad_sample_counts["unreadable"] == 6
+    with pytest.raises(UserError) as info:
+        _ids(split, 4, shuffle=False)
+    message = str(info.value)
+    assert "\n" not in message and "val-000000.tar is damaged" in message
+    assert "checksum mismatch" in message and "after sample 'val-00000005'" in message
+
+
+def test_max_bad_fraction_stops_a_pass_with_how_many_of_how_many(tmp_path):
+    corrupt = {("train", i): "image" for i in range(0, 40, 4)}  # 10 of 40
+    write_shards(tmp_path, {"train": [20, 20]}, corrupt=corrupt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        ok = ShardSplit(tmp_path, "train", num_workers=2, max_bad_fraction=0.25)
+        assert len(_ids(ok, 8, shuffle=False)) == 30  # 10 / 40 is not more than 0.25
+        assert len(list(ok.batches(8, shuffle=True, generator=torch.Generator()))) == 5
+        for shuffle in (False, True):
+            split = ShardSplit(tmp_path, "train", num_workers=2, max_bad_fraction=0.2)
+            with pytest.raises(UserError) as info:
+                list(split.batches(8, shuffle=shuffle, generator=torch.Generator()))
+            message = str(info.value)
+            assert (
+                "\n" not in message and "of 40 samples of split 'train' are unreadable" in message
+            )
+            assert "data.max_bad_fraction=0.2 allows (8)" in message
+        with pytest.raises(UserError, match="max_bad_fraction"):
+            ShardSplit(tmp_path, "train", max_bad_fraction=1.5)
 
 
 # --- the tar reader and the manifest ------------------------------------------------------------
@@ -366,7 +415,9 @@ def test_manifest_problems_are_clear_user_errors(tmp_path):
     manifest["splits"]["train"]["shards"][1]["name"] = "train.beton"
     (tmp_path / "train.beton").write_bytes(b"")
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="not as WebDataset tar shards.*FFCVSplit"):
+    with pytest.raises(
+        UserError, match="is an FFCV directory.*not WebDataset tar shards.*FFCVSplit"
+    ):
         ShardSplit(tmp_path, "train")
     manifest["format"] = "something/2"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

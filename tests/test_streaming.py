@@ -116,7 +116,9 @@ def test_corrupt_samples_are_skipped_and_counted_in_the_metrics(tmp_path):
         {"train": [60, 40], "val": [30], "test": [30]},
         corrupt={("train", 3): "image", ("test", 7): "image"},
     )
-    cfg = _cfg("ce", tmp_path / "s", "model.name=small_cnn", "data.augment_pad=0")
+    # 1 of the 30 test samples is bad: more than the default data.max_bad_fraction=0.01.
+    cfg = _cfg("ce", tmp_path / "s", "model.name=small_cnn", "data.augment_pad=0",
+               "data.max_bad_fraction=0.05")  # fmt: skip
     with pytest.warns(UserWarning, match="skipped bad sample"):
         m = run(cfg, tmp_path / "run")
     # One corrupt test image, skipped in the test pass; the rest of the test split is scored.

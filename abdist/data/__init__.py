@@ -28,7 +28,9 @@ def build_data(cfg, rank: int = 0, world_size: int = 1):
             return load_shards_streaming(cfg, rank, world_size)
         from abdist.data.shard_memory import load_shards_in_memory
 
-        return load_shards_in_memory(cfg.root)
+        return load_shards_in_memory(
+            cfg.root, bad_data=cfg.bad_data, max_bad_fraction=cfg.max_bad_fraction
+        )
     raise UserError(f"data.source '{cfg.source}' is not supported")
 
 

@@ -57,15 +57,35 @@ Images
     pass over the data at start-up would cost an epoch of decoding.
 
 Bad data
-    A sample whose image does not decode, whose ``cls`` is not an integer in ``[0, C)``, or that
-    lacks a member (image, ``cls``, ``idx``), and shard bytes that cannot be read (a corrupt tar
-    header, a truncated shard, a missing file: every sample of the range that could not be read)
-    are handled by ``bad_data``: ``"skip"`` (default) leaves them out, counts them in
-    :attr:`ShardSplit.bad_sample_counts` and warns (:class:`BadSampleWarning`) naming the shard and
-    the key; ``"error"`` raises a one-line :class:`~abdist.errors.UserError` with that location.
-    Workers report bad samples *with the batches they send*, so counting happens in the training
-    process: no lost updates between workers, counts that match what was consumed, and warnings
-    where logging and tests can see them. A sample is counted once per pass (epoch).
+    A *bad sample* -- its image does not decode, its ``cls`` (or ``grp``) is not an integer in
+    range, or it lacks a member (image, ``cls``, ``idx``) -- is handled by ``bad_data``, exactly
+    as the in-memory loader (:mod:`abdist.data.shard_memory`) handles it: ``"skip"`` (default)
+    leaves it out, counts it in :attr:`ShardSplit.bad_sample_counts` and warns
+    (:class:`BadSampleWarning`) naming the shard and the key; ``"error"`` raises a one-line
+    :class:`~abdist.errors.UserError` with that location. Workers report bad samples *with the
+    batches they send*, so counting happens in the training process: no lost updates between
+    workers, counts that match what was consumed, and warnings where logging and tests can see
+    them. A sample is counted once per pass (epoch). ``max_bad_fraction``
+    (``data.max_bad_fraction``) bounds the skipping: when more than that share of the samples a
+    rank reads in one pass is bad, the pass stops with a one-line error saying how many of how
+    many (checked as the counts arrive, so a mostly broken split fails in its first batches, not
+    after an epoch of repeats).
+
+    A *damaged shard* is never skipped, whatever ``bad_data`` says: the file is not what the
+    manifest describes, so none of it can be trusted. What is checked, and when (nothing here
+    rehashes the data: the sha256 of every byte at every start or epoch would cost a pass over a
+    dataset too large for memory; ``abdist verify`` recomputes it, and the in-memory loader, which
+    reads whole files anyway, checks it on load):
+
+    - at construction, per shard, one ``stat``: the file exists and its size is a whole number of
+      512-byte tar blocks (a cut-off file usually is not);
+    - while reading: every tar header's checksum, members that end early, the end-of-archive
+      marker, and that a shard holds exactly the manifest's sample count (one header beyond the
+      last sample is parsed to see that nothing follows).
+
+    Each raises a one-line ``UserError`` naming the shard, saying it is damaged and to re-run
+    ``abdist prepare`` (``abdist verify`` lists every problem). An FFCV directory
+    (``--format ffcv``) is refused at construction in one line as well.
 
 Why not ``webdataset.WebDataset``
     The shards are plain WebDataset tars (``webdataset`` reads them; tests write them with its
@@ -83,6 +103,7 @@ import copy
 import io
 import math
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -97,8 +118,9 @@ from abdist.errors import UserError
 
 __all__ = ["BAD_REASONS", "BadSampleWarning", "ShardSplit"]
 
-# Categories of bad samples, the keys of ShardSplit.bad_sample_counts (plus "total").
-BAD_REASONS = ("decode", "label", "missing", "unreadable")
+# Categories of bad samples, the keys of ShardSplit.bad_sample_counts (plus "total"). A shard whose
+# bytes cannot be read is no bad sample but a damaged file: always an error (see the docstring).
+BAD_REASONS = ("decode", "label", "missing")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MAX_WARNINGS = 20  # per ShardSplit: a badly broken shard must not flood the log
 _MAX_RECORDS = 100  # bad_samples keeps the most recent ones
@@ -161,16 +183,18 @@ def _tar_members(f) -> Iterator[tuple[str, int, int]]:
 
     The consumer must read or seek over exactly ``padded_size`` bytes before asking for the
     next member. Handles ustar, pax (``x``) and GNU long-name (``L``) headers and checks every
-    header checksum; raises :class:`_TarError` where the bytes stop being a tar. A missing
-    end-of-archive marker is accepted (the caller compares sample counts with the manifest).
+    header checksum; raises :class:`_TarError` where the bytes stop being a tar, including a
+    stream that ends without the end-of-archive marker (every tar writer writes it: a file that
+    lacks it was cut off, possibly between two samples).
     """
     long_name: str | None = None
     while True:
         offset = f.tell()
         header = f.read(512)
         if len(header) < 512 or header == _ZERO_BLOCK:
-            if 0 < len(header) < 512:
-                raise _TarError(f"truncated tar header at byte {offset}")
+            if len(header) < 512:
+                what = "header" if header else "end-of-archive marker"
+                raise _TarError(f"truncated: no tar {what} at byte {offset}")
             return
         try:
             checksum = _octal(header[148:156])
@@ -209,37 +233,42 @@ def _tar_members(f) -> Iterator[tuple[str, int, int]]:
 
 
 def _shard_samples(path: str, start: int, stop: int) -> Iterator[tuple[int, str, dict]]:
-    """Yield ``(position, key, {ext: bytes})`` for the samples at positions [start, stop).
+    """Yield ``(position, key, {ext: bytes})`` for the samples at positions [start, stop) of the
+    shard file ``path`` (see :func:`_tar_samples`)."""
+    with open(path, "rb", buffering=1 << 18) as f:
+        yield from _tar_samples(f, start, stop)
+
+
+def _tar_samples(f, start: int, stop: int) -> Iterator[tuple[int, str, dict]]:
+    """Yield ``(position, key, {ext: bytes})`` for the samples at positions [start, stop) of the
+    tar stream ``f`` (a file, or ``io.BytesIO`` of a whole shard).
 
     A sample is a run of consecutive members with the same key (WebDataset's grouping); the
     samples before ``start`` are skipped by seeking over their data, not read. If the tar breaks
-    off, what was read of the current sample is still yielded (decoding then judges it) before
-    :class:`_TarError` says where, naming the last sample key seen.
+    off, :class:`_TarError` says where, naming the last sample key seen; the sample it broke off
+    in is not yielded (it may lack members).
     """
     pos, key, fields = -1, None, None
-    with open(path, "rb", buffering=1 << 18) as f:
-        try:
-            for name, size, padded in _tar_members(f):
-                member_key, ext = _split_key(name)
-                if member_key is not None and member_key != key:
-                    if fields is not None:
-                        yield pos, key, fields
-                    pos, key = pos + 1, member_key
-                    if pos >= stop:
-                        return
-                    fields = {} if pos >= start else None
-                if fields is not None and member_key is not None:
-                    data = f.read(padded)
-                    if len(data) < size:
-                        raise _TarError(f"truncated tar member '{name}'")
-                    fields[ext] = data if size == padded else data[:size]
-                else:
-                    f.seek(padded, 1)
-        except _TarError as e:
-            if fields is not None:
-                yield pos, key, fields
-            after = f", after sample '{key}'" if key else ""
-            raise _TarError(f"{e}{after}") from None
+    try:
+        for name, size, padded in _tar_members(f):
+            member_key, ext = _split_key(name)
+            if member_key is not None and member_key != key:
+                if fields is not None:
+                    yield pos, key, fields
+                pos, key = pos + 1, member_key
+                if pos >= stop:
+                    return
+                fields = {} if pos >= start else None
+            if fields is not None and member_key is not None:
+                data = f.read(padded)
+                if len(data) < size:
+                    raise _TarError(f"truncated tar member '{name}'")
+                fields[ext] = data if size == padded else data[:size]
+            else:
+                f.seek(padded, 1)
+    except _TarError as e:
+        after = f", in or after sample '{key}'" if key else ""
+        raise _TarError(f"{e}{after}") from None
     if fields is not None:
         yield pos, key, fields
 
@@ -254,12 +283,87 @@ class _BadSample(Exception):
 
 
 def _short(exc: BaseException) -> str:
-    """One line of an exception message, without torchvision's 'func, file.cpp:NN, ' prefix."""
+    """One line of an exception message, without torchvision's 'func, file.cpp:NN, ' prefix or
+    PIL's object address ('cannot identify image file <_io.BytesIO object at 0x...>')."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     parts = text.split(", ")
     if len(parts) > 2 and ".cpp:" in parts[1]:
         text = ", ".join(parts[2:])
+    text = re.sub(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text)
     return text[:160]
+
+
+def sample_fields(
+    fields: dict, num_classes: int, num_groups: int | None
+) -> tuple[bytes, int, int, int]:
+    """``(image bytes, label, idx, group)`` of a sample's members, or :class:`_BadSample`.
+
+    The one definition of a well-formed sample, shared by the streaming and the in-memory
+    readers: an image member (jpg, jpeg, png, webp), ``cls`` an integer in ``[0, C)``, ``idx`` an
+    integer, and (when the manifest lists groups) ``grp`` an integer in ``[0, G)``; group 0
+    without groups.
+    """
+    data = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+    if data is None:
+        raise _BadSample("missing", f"no image member (.{'/.'.join(IMAGE_EXTS)})")
+    for member in ("cls", "idx"):
+        if member not in fields:
+            raise _BadSample("missing", f"no .{member} member")
+    try:
+        label = int(fields["cls"])
+    except ValueError:
+        raise _BadSample("label", f"label {fields['cls'][:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise _BadSample("label", f"label {label} outside [0, {num_classes})")
+    try:
+        idx = int(fields["idx"])
+    except ValueError:
+        raise _BadSample("missing", f"idx {fields['idx'][:20]!r} is not an integer") from None
+    if num_groups is None:
+        return data, label, idx, 0
+    if "grp" not in fields:
+        raise _BadSample("missing", "no .grp member (the manifest lists groups)")
+    try:
+        group = int(fields["grp"])
+    except ValueError:
+        raise _BadSample("label", f"group {fields['grp'][:20]!r} is not an integer") from None
+    if not 0 <= group < num_groups:
+        raise _BadSample("label", f"group {group} outside [0, {num_groups})")
+    return data, label, idx, group
+
+
+def bad_sample_error(key: str, shard: str, detail: str) -> UserError:
+    """The one-line error for a bad sample under ``bad_data="error"`` (both readers)."""
+    return UserError(
+        f"bad sample '{key}' in shard {shard}: {detail} "
+        "(bad_data='error'; bad_data='skip' skips and counts such samples)"
+    )
+
+
+def over_bad_limit(bad: int, of: int, limit: float | None) -> bool:
+    """Whether ``bad`` skipped samples of ``of`` exceed the share ``limit`` (None: no limit)."""
+    return limit is not None and bad > 0 and bad / max(of, bad) > limit
+
+
+def too_many_bad(
+    split: str,
+    bad: int,
+    of: int,
+    limit: float,
+    counts: dict[str, int],
+    where: str = "",
+    so_far: bool = False,
+) -> UserError:
+    """The one-line error when skipped samples exceed ``max_bad_fraction`` (both readers);
+    ``so_far``: counted part-way through a pass (the streaming reader stops at once)."""
+    reasons = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
+    at_least = "at least " if so_far else ""
+    return UserError(
+        f"{at_least}{bad} of {of} samples of split '{split}'{where} are unreadable (skipped as "
+        f"bad: {reasons}), more than the limit data.max_bad_fraction={limit:g} allows "
+        f"({math.floor(limit * of + 1e-9)}); repair or re-prepare the data (`abdist verify` "
+        "checks it), or raise data.max_bad_fraction"
+    )
 
 
 def _decode_image(data: bytes, channels: int, decoder: str) -> Tensor:
@@ -454,7 +558,6 @@ class _SlotRun:
         self.worker = worker
         self.records: list[tuple] = []
         self.bad: set[tuple[int, int]] = set()  # (shard, position): skipped for the whole pass
-        self.readable: dict[int, int] = {}  # shard -> first position that could not be read
         c = self.src.channels
         self.mean = torch.tensor(self.src.mean, dtype=torch.float32).view(c, 1, 1)
         self.std = torch.tensor(self.src.std, dtype=torch.float32).view(c, 1, 1)
@@ -465,43 +568,45 @@ class _SlotRun:
 
     def report(self, reason: str, shard: _Shard, key: str, detail: str, count: int = 1) -> None:
         if self.src.bad_data == "error":
-            raise UserError(
-                f"bad sample '{key}' in shard {shard.path}: {detail} "
-                "(bad_data='error'; bad_data='skip' skips and counts such samples)"
-            )
+            raise bad_sample_error(key, shard.path, detail)
         self.records.append((reason, shard.name, key, detail, count))
 
     # reading
 
     def read(self, segments: list[tuple[int, int, int]]) -> Iterator[tuple]:
         """Raw samples ``(shard, position, key, fields)`` of ``segments``, known-bad ones left
-        out; positions that cannot be read are reported (and remembered) as unreadable."""
+        out. A shard that cannot be read as the manifest describes it (a broken or cut-off tar,
+        fewer or more samples than listed) raises the one-line damaged-shard ``UserError``:
+        never a skippable bad sample. Each sample is held back until the next one (or the
+        segment's clean end) is read, so a sample cut off by the damage is never yielded."""
+        from abdist.data.shards import damaged_shard
+
         for i, start, stop in segments:
             shard = self.src.shards[i]
-            stop = min(stop, self.readable.get(i, stop))
-            if start >= stop:
-                continue
-            reached, key, detail = start, None, None
+            end = shard.num_samples
+            # A segment that reaches the shard's end reads one sample further: there must be none.
+            reached, key, held = start, None, None
             try:
-                for pos, key, fields in _shard_samples(shard.path, start, stop):
+                for pos, key, fields in _shard_samples(shard.path, start, stop + (stop == end)):
+                    if pos >= end:
+                        raise damaged_shard(
+                            shard.path, f"it holds more samples than the {end} the manifest lists"
+                        )
+                    if held is not None:
+                        yield held
+                    held = (i, pos, key, fields) if (i, pos) not in self.bad else None
                     reached = pos + 1
-                    if (i, pos) not in self.bad:
-                        yield i, pos, key, fields
             except _TarError as e:
-                detail = str(e)
+                raise damaged_shard(shard.path, str(e)) from None
             except OSError as e:
-                detail = f"cannot read the shard ({_short(e)})"
+                raise damaged_shard(shard.path, f"it cannot be read ({_short(e)})") from None
             if reached < stop:
-                self.readable[i] = reached
-                after = f" after '{key}'" if key else ""
-                detail = detail or (
-                    f"the shard ends{after} at sample {reached}, the manifest says "
-                    f"{shard.num_samples}"
+                after = f" after sample '{key}'" if key else ""
+                raise damaged_shard(
+                    shard.path, f"it ends{after} at sample {reached}, the manifest lists {end}"
                 )
-                what = (
-                    f"samples {reached}..{stop - 1}" if stop - reached > 1 else f"sample {reached}"
-                )
-                self.report("unreadable", shard, f"{what} (positions)", detail, stop - reached)
+            if held is not None:
+                yield held
 
     # decoding and batching
 
@@ -511,27 +616,7 @@ class _SlotRun:
         i, pos, key, fields = rec
         src = self.src
         try:
-            data = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
-            if data is None:
-                raise _BadSample("missing", f"no image member (.{'/.'.join(IMAGE_EXTS)})")
-            for member in ("cls", "idx"):
-                if member not in fields:
-                    raise _BadSample("missing", f"no .{member} member")
-            try:
-                label = int(fields["cls"])
-            except ValueError:
-                raise _BadSample(
-                    "label", f"label {fields['cls'][:20]!r} is not an integer"
-                ) from None
-            if not 0 <= label < src.num_classes:
-                raise _BadSample("label", f"label {label} outside [0, {src.num_classes})")
-            try:
-                idx = int(fields["idx"])
-            except ValueError:
-                raise _BadSample(
-                    "missing", f"idx {fields['idx'][:20]!r} is not an integer"
-                ) from None
-            group = self.group_of(fields)
+            data, label, idx, group = sample_fields(fields, src.num_classes, src.num_groups)
             image = _decode_image(data, src.channels, src.decoder)
             if image.shape[-2:] != (src.height, src.width):
                 image = _fit(image, src.height, src.width)
@@ -540,21 +625,6 @@ class _SlotRun:
             self.report(e.reason, src.shards[i], key, e.detail)
             return None
         return image, label, idx, group
-
-    def group_of(self, fields: dict) -> int:
-        """The sample's group id (0 without groups); a missing or bad one makes it a bad sample."""
-        g = self.src.num_groups
-        if g is None:
-            return 0
-        if "grp" not in fields:
-            raise _BadSample("missing", "no .grp member (the manifest lists groups)")
-        try:
-            group = int(fields["grp"])
-        except ValueError:
-            raise _BadSample("label", f"group {fields['grp'][:20]!r} is not an integer") from None
-        if not 0 <= group < g:
-            raise _BadSample("label", f"group {group} outside [0, {g})")
-        return group
 
     def finish(self, images: Tensor, labels: list[int], ids: list[int], groups: list[int]):
         """uint8 batch -> transformed, normalised float batch (in the worker)."""
@@ -655,6 +725,9 @@ class ShardSplit:
         eval_transform: ``eval_transform(x) -> x`` on the same kind of batch, for evaluation
             passes (e.g. ``torchvision.transforms.v2.CenterCrop``); None: none.
         bad_data: ``"skip"`` (count, warn, go on) or ``"error"`` (raise a one-line UserError).
+        max_bad_fraction: stop a pass with a one-line UserError when more than this share of
+            the samples this rank reads in it are bad (skipped); None: no limit. The trainer
+            passes ``data.max_bad_fraction``.
         mean, std: per-channel normalisation on the [0, 1] scale (default: manifest, else 0.5).
         image_size: output side (default: the manifest's ``image.size``; needed if that is null).
         decoder: ``"torchvision"`` (fast, PIL fallback) or ``"pil"``.
@@ -674,6 +747,7 @@ class ShardSplit:
         augment: Callable[[Tensor, Tensor, torch.Generator], Tensor] | None = None,
         eval_transform: Callable[[Tensor], Tensor] | None = None,
         bad_data: str = "skip",
+        max_bad_fraction: float | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
         image_size: int | None = None,
@@ -681,7 +755,8 @@ class ShardSplit:
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
     ) -> None:
-        from abdist.data.shards import read_manifest  # the writer's own checks, one source
+        # The writer's own checks, one source.
+        from abdist.data.shards import check_shard_file, read_manifest, require_wds_shards
 
         root = Path(root)
         manifest = read_manifest(root)
@@ -695,6 +770,14 @@ class ShardSplit:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
         if bad_data not in ("skip", "error"):
             raise UserError(f"bad_data must be 'skip' or 'error', got {bad_data!r}")
+        if max_bad_fraction is not None and not (
+            isinstance(max_bad_fraction, (int, float))
+            and not isinstance(max_bad_fraction, bool)
+            and 0 <= max_bad_fraction <= 1
+        ):
+            raise UserError(
+                f"max_bad_fraction must be a number in [0, 1] or None, got {max_bad_fraction!r}"
+            )
         if decoder not in ("torchvision", "pil"):
             raise UserError(f"decoder must be 'torchvision' or 'pil', got {decoder!r}")
 
@@ -704,17 +787,12 @@ class ShardSplit:
                 raise UserError(
                     f"{root}: no split '{part}' in the manifest (has: {sorted(splits)})"
                 )
+        require_wds_shards(root, manifest, parts)
         entries = [e for part in parts for e in splits[part].get("shards") or []]
         shards = []
         for entry in entries:
-            if not entry["name"].endswith(".tar"):
-                raise UserError(
-                    f"{root}: split '{split}' is stored as {entry['name']}, not as WebDataset "
-                    "tar shards; read it with abdist.data.ffcv_backend.FFCVSplit"
-                )
             path = root / entry["name"]
-            if not path.is_file():
-                raise UserError(f"shard {path} listed in the manifest is missing")
+            check_shard_file(path, entry)  # exists, whole tar blocks: one stat, no reading
             shards.append(_Shard(entry["name"], str(path), int(entry["num_samples"])))
         total = sum(s.num_samples for s in shards)
         declared = sum(
@@ -732,6 +810,7 @@ class ShardSplit:
 
         self.root, self.split, self.manifest = root, split, manifest
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.max_bad_fraction = max_bad_fraction
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self._src = _Source(
@@ -943,9 +1022,38 @@ class ShardSplit:
                 )
             )
         yielded, error = 0, None
+        # max_bad_fraction: of the samples this rank's slots read in this pass (their ranges
+        # partition the split over ranks), checked as the bad-sample records arrive.
+        covered = sum(
+            b - a
+            for a, b, _ in (
+                _slot_range(src, train=shuffle, batch_size=size, n_batches=n_batches, worker=w)
+                for w in range(src.slots_per_rank)
+            )
+        )
+        pass_bad = dict.fromkeys(BAD_REASONS, 0)
         try:
             for kind, payload, records in items:
                 self._note(records)
+                if records and self.max_bad_fraction is not None:
+                    for reason, *_, count in records:
+                        pass_bad[reason] += count
+                    bad = sum(pass_bad.values())
+                    if over_bad_limit(bad, covered, self.max_bad_fraction):
+                        where = (
+                            f" read by rank {src.rank}/{src.world_size} in this pass"
+                            if src.world_size > 1
+                            else ""
+                        )
+                        raise too_many_bad(
+                            self.split,
+                            bad,
+                            covered,
+                            self.max_bad_fraction,
+                            pass_bad,
+                            where,
+                            so_far=True,
+                        )
                 if kind == "error":
                     error = payload
                     break

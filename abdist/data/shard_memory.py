@@ -3,65 +3,230 @@
 CIFAR-sized data (tens of thousands of small images) decodes in seconds and then trains with
 batched tensor augmentation, with no loader workers at all. Larger data streams through the
 WebDataset loader instead (`data.in_memory=false`).
+
+Nothing is trained on data that is not what ``abdist prepare`` wrote:
+
+- Every shard file is read whole anyway, so its sha256 is computed from the bytes read and
+  compared with the manifest's (``hashlib`` at ~1 ms per MB, a few percent of the decoding);
+  a missing file, a mismatch, a tar that does not parse or a shard that holds another number of
+  samples than the manifest lists is a *damaged shard*: always a one-line ``UserError`` naming
+  it (re-run ``abdist prepare``; ``abdist verify`` lists every problem), whatever ``bad_data``
+  says. All files are looked up (one ``stat`` each) before anything is decoded.
+- A *bad sample* (its image does not decode, a label or group out of range, a member missing:
+  :func:`abdist.data.loader.sample_fields`, the same rule as the streaming reader) follows
+  ``bad_data`` exactly as streamed: ``"skip"`` leaves it out, warns
+  (:class:`~abdist.data.loader.BadSampleWarning`) and counts it; ``"error"`` stops with one line
+  naming shard and key. More skipped samples than ``max_bad_fraction`` of a split stop the load.
+- An FFCV directory (``--format ffcv``) is refused in one line.
+
+Skipped samples are reported like the streaming loader's: the bundle then has
+``bad_sample_counts``, and each full pass over a split adds that split's skipped count, so the
+trainer's ``bad_samples`` is, as streamed, the epoch's train + val passes in ``log.jsonl`` and the
+test pass in ``metrics.json`` (partial passes, AutoBalance's hyper-step batches, add nothing).
+When nothing was skipped the bundle is a plain :class:`~abdist.data.memory.DataBundle`, exactly
+as before (no ``bad_samples`` key).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from abdist.data.loader import (
+    _MAX_WARNINGS,
+    BAD_REASONS,
+    BadSampleWarning,
+    _BadSample,
+    _decode_image,
+    _tar_samples,
+    _TarError,
+    bad_sample_error,
+    over_bad_limit,
+    sample_fields,
+    too_many_bad,
+)
 from abdist.data.memory import DataBundle, TensorSplit
-from abdist.data.shards import read_manifest
+from abdist.data.shards import (
+    check_shard_file,
+    damaged_shard,
+    read_manifest,
+    read_shard_checked,
+    require_wds_shards,
+)
 from abdist.errors import UserError
 
+SPLITS = ("train", "val", "test")
 
-def _read_split(root: Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, list]:
-    import webdataset as wds
 
-    info = manifest["splits"].get(split)
-    if info is None:
-        raise UserError(f"{root}/manifest.json has no '{split}' split; re-run `abdist prepare`")
-    urls = [str(root / s["name"]) for s in info["shards"]]
+@dataclass
+class CountedSplit(TensorSplit):
+    """A :class:`TensorSplit` from which bad samples were skipped at load: each full pass of
+    rank 0 adds ``skipped`` (reason -> count) to the bundle's shared ``tally``, as a streamed pass
+    counts the bad samples it meets."""
+
+    skipped: dict[str, int] = field(default_factory=dict)
+    tally: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def batches(self, batch_size: int, **kw):
+        if kw.get("max_batches") is None and kw.get("rank", 0) == 0:
+            for reason, n in self.skipped.items():
+                self.tally[reason] = self.tally.get(reason, 0) + n
+        yield from super().batches(batch_size, **kw)
+
+    def shard(self, rank: int, world_size: int) -> CountedSplit:
+        part = super().shard(rank, world_size)
+        skipped = self.skipped if rank == 0 else {}  # every rank holds all: count it once
+        return CountedSplit(part.images, part.labels, part.groups, skipped, self.tally)
+
+
+@dataclass
+class CountedBundle(DataBundle):
+    """A :class:`DataBundle` with ``bad_sample_counts``: in-memory shards with skipped samples."""
+
+    tally: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Skipped samples of the passes so far, by reason, plus ``"total"`` (this process)."""
+        counts = {r: self.tally.get(r, 0) for r in BAD_REASONS}
+        return {**counts, "total": sum(counts.values())}
+
+    def with_val_merged(self) -> CountedBundle:
+        merged = super().with_val_merged()
+        t, v = self.train, self.val
+        skipped = {r: _skipped(t).get(r, 0) + _skipped(v).get(r, 0) for r in BAD_REASONS}
+        train = CountedSplit(
+            merged.train.images, merged.train.labels, merged.train.groups, skipped, self.tally
+        )
+        return dataclasses.replace(merged, train=train)
+
+
+def _skipped(split: TensorSplit) -> dict[str, int]:
+    return getattr(split, "skipped", {})
+
+
+class _Skips:
+    """Bad samples skipped during one load: counts per split and reason, capped warnings."""
+
+    def __init__(self, bad_data: str) -> None:
+        self.bad_data, self.warned = bad_data, 0
+
+    def note(self, counts: dict[str, int], path: Path, key: str, bad: _BadSample) -> None:
+        if self.bad_data == "error":
+            raise bad_sample_error(key, str(path), bad.detail)
+        counts[bad.reason] += 1
+        if self.warned < _MAX_WARNINGS:
+            self.warned += 1
+            more = (
+                "; further bad samples are only counted (bad_sample_counts)"
+                if self.warned == _MAX_WARNINGS
+                else ""
+            )
+            warnings.warn(
+                f"skipped bad sample '{key}' in shard {path.name} ({bad.reason}: {bad.detail})"
+                f"{more}",
+                BadSampleWarning,
+                stacklevel=4,
+            )
+
+
+def _read_split(
+    root: Path, manifest: dict, split: str, skips: _Skips
+) -> tuple[list[np.ndarray], list[int], list[int], dict[str, int]]:
+    """Decoded images ([C, H, W] uint8), labels, groups (empty without groups) and the skipped
+    counts by reason of one split, every shard checked against the manifest."""
+    channels = manifest["image"]["channels"]
+    num_classes = len(manifest["class_names"])
+    num_groups = len(manifest["group_names"]) if manifest.get("group_names") else None
     images, labels, groups = [], [], []
-    if not urls:
-        return np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        key = f"{sample['__url__']}:{sample['__key__']}"
-        data = sample.get("png") or sample.get("jpg") or sample.get("jpeg")
-        if data is None:
-            raise UserError(f"{key}: sample has no png/jpg image")
+    skipped = dict.fromkeys(BAD_REASONS, 0)
+    for entry in manifest["splits"][split]["shards"]:
+        path = root / entry["name"]
+        want = entry["num_samples"]
+        data = read_shard_checked(path, entry)  # missing, changed or cut off: one line
+        found = 0
         try:
-            img = Image.open(io.BytesIO(data))
-            img = img.convert("L" if manifest["image"]["channels"] == 1 else "RGB")
-        except Exception as exc:  # PIL raises many types for corrupt data
-            raise UserError(f"{key}: unreadable image ({exc.__class__.__name__})") from None
-        arr = np.asarray(img, dtype=np.uint8)
-        images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-        labels.append(int(sample["cls"]))
-        if "grp" in sample:
-            groups.append(int(sample["grp"]))
+            # One sample further than the manifest lists: there must be none.
+            for pos, key, fields in _tar_samples(io.BytesIO(data), 0, want + 1):
+                if pos >= want:
+                    raise damaged_shard(
+                        path, f"it holds more samples than the {want} the manifest lists"
+                    )
+                found += 1
+                try:
+                    image, label, _, group = sample_fields(fields, num_classes, num_groups)
+                    arr = _decode_image(image, channels, "pil").numpy()
+                except _BadSample as bad:
+                    skips.note(skipped, path, key, bad)
+                    continue
+                images.append(arr)
+                labels.append(label)
+                if num_groups is not None:
+                    groups.append(group)
+        except _TarError as e:
+            raise damaged_shard(path, str(e)) from None
+        if found != want:
+            raise damaged_shard(path, f"it holds {found} samples, the manifest lists {want}")
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
         raise UserError(
             f"{root}: images of different sizes {sorted(shapes)[:3]}; in-memory loading needs "
             "one size (prepare resized images or set data.in_memory=false)"
         )
-    return np.stack(images), np.asarray(labels, np.int64), groups
+    return images, labels, groups, skipped
 
 
-def load_shards_in_memory(root: str | Path) -> DataBundle:
+def load_shards_in_memory(
+    root: str | Path, *, bad_data: str = "skip", max_bad_fraction: float | None = None
+) -> DataBundle:
     """Decode every split of a prepared shard directory into normalised tensors.
 
     Per-channel mean/std are the training split's (no test statistics leak in), from the manifest.
+    ``bad_data`` and ``max_bad_fraction`` (None: no limit) are ``data.bad_data`` and
+    ``data.max_bad_fraction``; see the module docstring for what is checked.
     """
+    if bad_data not in ("skip", "error"):
+        raise UserError(f"bad_data must be 'skip' or 'error', got {bad_data!r}")
     root = Path(root)
     manifest = read_manifest(root)
-    raw = {s: _read_split(root, manifest, s) for s in ("train", "val", "test")}
-    train_x = torch.from_numpy(raw["train"][0]).float() / 255.0
+    for split in SPLITS:
+        if split not in manifest["splits"]:
+            raise UserError(f"{root}/manifest.json has no '{split}' split; re-run `abdist prepare`")
+    require_wds_shards(root, manifest, SPLITS)
+    for split in SPLITS:  # a missing shard fails before minutes of decoding the others
+        for entry in manifest["splits"][split]["shards"]:
+            check_shard_file(root / entry["name"], entry)
+    skips = _Skips(bad_data)
+    raw = {}
+    for split in SPLITS:
+        raw[split] = _read_split(root, manifest, split, skips)
+        bad = sum(raw[split][3].values())
+        total = manifest["splits"][split]["num_samples"]
+        if over_bad_limit(bad, total, max_bad_fraction):
+            raise too_many_bad(split, bad, total, max_bad_fraction, raw[split][3])
+    if not raw["train"][0]:
+        raise UserError(f"{root}: the train split has no readable sample; re-run `abdist prepare`")
+    shape = raw["train"][0][0].shape
+
+    def stack(images: list[np.ndarray]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, *shape), np.uint8)
+        if images[0].shape != shape:
+            raise UserError(
+                f"{root}: images of different sizes {sorted({shape, images[0].shape})}; "
+                "in-memory loading needs one size (prepare resized images or set "
+                "data.in_memory=false)"
+            )
+        return np.stack(images)
+
+    arrays = {s: stack(raw[s][0]) for s in SPLITS}
+    train_x = torch.from_numpy(arrays["train"]).float() / 255.0
     image = manifest["image"]
     if "mean" in image:  # the statistics the streaming loaders use too: one normalisation
         mean = torch.tensor(image["mean"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -70,17 +235,23 @@ def load_shards_in_memory(root: str | Path) -> DataBundle:
         mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
         std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
 
-    def split(name):
-        x, y, g = raw[name]
-        x = (torch.from_numpy(x).float() / 255.0 - mean) / std
-        return TensorSplit(x, torch.from_numpy(y), torch.tensor(g) if g else None)
+    any_skipped = any(n for s in SPLITS for n in raw[s][3].values())
+    tally: dict[str, int] = {}
 
-    first = raw["train"][0]
-    return DataBundle(
+    def split(name):
+        _, y, g, skipped = raw[name]
+        x = (torch.from_numpy(arrays[name]).float() / 255.0 - mean) / std
+        args = (x, torch.tensor(y, dtype=torch.int64), torch.tensor(g) if g else None)
+        if not any_skipped:
+            return TensorSplit(*args)
+        return CountedSplit(*args, {r: n for r, n in skipped.items() if n}, tally)
+
+    kw = dict(
         train=split("train"),
         val=split("val"),
         test=split("test"),
         class_names=list(manifest["class_names"]),
-        in_channels=int(first.shape[1]),
-        image_size=int(first.shape[2]),
+        in_channels=int(shape[0]),
+        image_size=int(shape[1]),
     )
+    return CountedBundle(**kw, tally=tally) if any_skipped else DataBundle(**kw)

@@ -173,6 +173,103 @@ def _manifest_problem(m) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- checks on load
+
+
+def require_wds_shards(root: str | Path, manifest: dict, splits: Iterable[str]) -> None:
+    """One-line ``UserError`` unless ``splits`` are stored as WebDataset ``.tar`` shards.
+
+    An FFCV directory (``abdist prepare --format ffcv``: one ``{split}.beton`` per split, and
+    ``options.format == "ffcv"`` in its manifest) says so: ``abdist train`` reads WebDataset
+    shards, in memory and streamed alike.
+    """
+    names = [e["name"] for split in splits for e in manifest["splits"][split]["shards"]]
+    everything = [e["name"] for info in manifest["splits"].values() for e in info["shards"]]
+    beton = [n for n in everything if n.endswith(".beton")]
+    if beton or (manifest.get("options") or {}).get("format") == "ffcv":
+        files = ", ".join(beton[:3]) or "no .tar shards"
+        raise UserError(
+            f"{root} is an FFCV directory (prepared with --format ffcv: {files}), not "
+            "WebDataset tar shards, which are what `abdist train` reads: prepare the data again "
+            "without --format ffcv, or read this directory in Python with "
+            "abdist.data.ffcv_backend.FFCVSplit"
+        )
+    other = [n for n in names if not n.endswith(".tar")]
+    if other:
+        raise UserError(
+            f"{root}: {other[0]} is not stored as WebDataset tar shards (.tar files); "
+            "re-run `abdist prepare`"
+        )
+
+
+def damaged_shard(path: str | Path, problem: str) -> UserError:
+    """The one-line error for a shard FILE that is not what the manifest says (changed bytes,
+    truncated, unreadable tar, wrong sample count): the whole file is suspect, so this is never
+    a skippable bad sample, whatever ``data.bad_data`` says."""
+    path = Path(path)
+    return UserError(
+        f"shard {path} is damaged: {problem}; a damaged file is not a bad sample that "
+        "data.bad_data could skip: re-run `abdist prepare` (`abdist verify "
+        f"{path.parent}` lists every problem)"
+    )
+
+
+def missing_shard(path: str | Path) -> UserError:
+    """The one-line error for a shard the manifest lists that is not on disk."""
+    path = Path(path)
+    return UserError(
+        f"shard {path} listed in the manifest is missing: the directory is incomplete; re-run "
+        f"`abdist prepare` (`abdist verify {path.parent}` lists every problem)"
+    )
+
+
+def read_shard_checked(path: str | Path, entry: dict) -> bytes:
+    """The bytes of the shard ``entry`` (a manifest shard entry), checked against its sha256.
+
+    For readers that read whole files anyway (the in-memory loader): hashing the bytes already
+    in memory costs ~1 ms per MB, far less than decoding them.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise missing_shard(path) from None
+    except IsADirectoryError:
+        raise damaged_shard(path, "it is a directory, not a file") from None
+    except OSError as exc:
+        raise damaged_shard(path, f"it cannot be read ({exc.strerror or exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise damaged_shard(
+            path,
+            f"its sha256 is {digest[:16]}..., the manifest says {entry['sha256'][:16]}... "
+            f"(changed, truncated or corrupt since `abdist prepare`; {len(data)} bytes)",
+        )
+    return data
+
+
+def check_shard_file(path: str | Path, entry: dict) -> None:
+    """Cheap checks of a shard before streaming it (no reading): it exists, is a file, and its
+    size is a whole number of 512-byte tar blocks (a cut-off file usually is not).
+
+    The sha256 is NOT recomputed here (a pass over every byte of a dataset too large for memory,
+    at every start); ``abdist verify`` does that, and the streaming reader checks every tar
+    header's checksum and each shard's sample count as it reads.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise missing_shard(path)
+    if not path.is_file():
+        raise damaged_shard(path, "it is not a regular file")
+    size = path.stat().st_size
+    if size % 512 or (size == 0 and entry["num_samples"] > 0):
+        raise damaged_shard(
+            path,
+            f"{size} bytes is not a whole number of 512-byte tar blocks (truncated?); the "
+            f"manifest lists {entry['num_samples']} samples",
+        )
+
+
 # --------------------------------------------------------------------------- verify
 
 

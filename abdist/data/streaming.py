@@ -7,6 +7,10 @@ configured augmentation (random shift/flip, class-aware when AutoBalance tunes i
 training process on each decoded batch, exactly as for in-memory tensors; the loader workers only
 read, decode and normalise (with the manifest's training-split mean/std). That keeps the run
 deterministic and resumable: nothing depends on when a worker saw a table update.
+
+Bad data follows the same policy as in memory (``data.bad_data``, ``data.max_bad_fraction``, a
+damaged shard file is always an error); what the streaming reader checks, and why it does not
+rehash the shards, is in :mod:`abdist.data.loader` ("Bad data").
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ def load_shards_streaming(cfg, rank: int, world_size: int) -> StreamingBundle:
         num_workers=cfg.workers,
         shuffle_buffer=cfg.shuffle_buffer,
         bad_data=cfg.bad_data,
+        max_bad_fraction=cfg.max_bad_fraction,
     )
     train = ShardSplit(root, "train", **options)
     if len(train) == 0:
