@@ -15,6 +15,17 @@ from abdist.errors import UserError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
+        prefix = "the following arguments are required: "
+        if message.startswith(prefix):
+            # argparse lists a nargs="*" positional without a default (the overrides) as
+            # required: name only what is.
+            optional = {
+                a.metavar or a.dest
+                for a in self._actions
+                if not a.option_strings and a.nargs in (argparse.ZERO_OR_MORE, argparse.OPTIONAL)
+            }
+            names = [n for n in message[len(prefix) :].split(", ") if n not in optional]
+            message = prefix + ", ".join(names or message[len(prefix) :].split(", "))
         raise UserError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
@@ -27,13 +38,24 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.add_argument("--out", help="run directory (default: runs/<train.name>)")
 
-    c = sub.add_parser("config", help="print the resolved config")
+    c = sub.add_parser("config", help="print the resolved config (--explain: what each key means)")
     c.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
     c.add_argument("overrides", nargs="*", metavar="section.key=value")
+    c.add_argument(
+        "--explain",
+        action="store_true",
+        help="add each key's meaning and allowed values as a YAML comment",
+    )
 
     r = sub.add_parser("report", help="compare finished runs: table + plots")
     r.add_argument("runs", nargs="+", help="run directories")
-    r.add_argument("--out", help="where to write the plots (default: <first run>/../report)")
+    r.add_argument(
+        "--out",
+        help="where to write the plots (default: <first run>/../report-<run dir names>)",
+    )
+    r.add_argument(
+        "--force", action="store_true", help="replace a report of other runs in the --out dir"
+    )
 
     from abdist.data.prepare import DEFAULT_SHARD_SIZE, WRITERS, parse_split_file, parse_val
 
@@ -50,7 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         type=parse_split_file,
         metavar="SPLIT=FILE",
-        help="list file 'path label [group]' per line",
+        help="list file 'path label [group]' per line; labels are 0..C-1 with C = largest "
+        "label + 1, so a label past the real classes leaves classes without training "
+        "samples, which is refused",
     )
     pr.add_argument(
         "--json",
@@ -95,6 +119,12 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", default="wds", choices=sorted(WRITERS))
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--force", action="store_true", help="replace an existing OUT")
+    pr.add_argument(
+        "--allow-empty-classes",
+        action="store_true",
+        help="keep classes with no train or val samples (a warning instead of an error; "
+        "an empty <split>/<class>/ folder is a class too)",
+    )
 
     v = sub.add_parser("verify", help="check prepared shards against their manifest")
     v.add_argument("dir", help="directory written by `abdist prepare`")
@@ -154,16 +184,17 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_config(args) -> int:
-    from abdist.config import load_config
+    from abdist.config import explain_yaml, load_config
 
-    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    cfg = load_config(args.config, args.overrides)
+    print(explain_yaml(cfg) if args.explain else cfg.to_yaml(), end="")
     return 0
 
 
 def _cmd_report(args) -> int:
     from abdist.report import report
 
-    print(report(args.runs, out_dir=args.out))
+    print(report(args.runs, out_dir=args.out, force=args.force))
     return 0
 
 
@@ -197,6 +228,7 @@ def _cmd_prepare(args) -> int:
         jsons=split_files(args.jsons, "--json"),
         root=args.root,
         force=args.force,
+        allow_empty_classes=args.allow_empty_classes,
     )
     print(summarize(manifest, args.out))
     return 0

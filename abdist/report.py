@@ -10,6 +10,7 @@ for the table alone) never needs matplotlib or a display.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from abdist.errors import UserError
-from abdist.io import atomic_write
+from abdist.io import atomic_write, write_json
 
-__all__ = ["format_table", "load_run", "plot_runs", "report"]
+__all__ = ["default_out_dir", "format_table", "load_run", "plot_runs", "report", "run_labels"]
 
 MISSING = "—"
 
@@ -114,21 +115,51 @@ def _fmt_pct(value: Any) -> str:
     return f"{100.0 * value:.2f}"
 
 
+def run_labels(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """A distinct label per run for the table and the legends.
+
+    A run's name (`train.name`) when no other run has it; runs sharing a name get it with their
+    directory name, `name (dir)`, then with the directory as given when those collide too; the
+    same directory given twice is told apart by `#2`, `#3`, ...
+    """
+
+    def name_of(run: dict[str, Any]) -> str:
+        m = run.get("metrics", run)
+        return str(run.get("name", m.get("name", MISSING)))
+
+    labels = [name_of(r) for r in runs]
+    for refine in (
+        lambda r, lab: f"{lab} ({Path(r['dir']).name})" if r.get("dir") is not None else lab,
+        lambda r, lab: f"{name_of(r)} ({r['dir']})" if r.get("dir") is not None else lab,
+    ):
+        counts = {lab: labels.count(lab) for lab in labels}
+        labels = [
+            refine(r, lab) if counts[lab] > 1 else lab for r, lab in zip(runs, labels, strict=True)
+        ]
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if labels.count(lab) == 1 else f"{lab} #{seen[lab]}")
+    return out
+
+
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
     """One aligned text row per run; missing values print as "—". No trailing newline.
 
     `runs` are `load_run` results; a bare metrics dict (as `train` returns) works too.
 
-    Columns: run name, method, accuracy, balanced error, worst-class recall, many/medium/few-shot
-    accuracy, G-mean and H-mean of per-class recall -- all in percent.
+    Columns: run name (`run_labels`: made distinct when runs share a name), method, accuracy,
+    balanced error, worst-class recall, many/medium/few-shot accuracy, G-mean and H-mean of
+    per-class recall -- all in percent.
     """
     header = ["run", "method"] + [h for h, _ in _COLUMNS]
     rows = [header]
-    for run in runs:
+    for run, label in zip(runs, run_labels(runs), strict=True):
         m = run.get("metrics", run)
         method = run.get("method", m.get("method"))
         rows.append(
-            [str(run.get("name", m.get("name", MISSING))), str(method) if method else MISSING]
+            [label, str(method) if method else MISSING]
             + [_fmt_pct(m.get(key)) for _, key in _COLUMNS]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -199,11 +230,12 @@ def plot_runs(runs: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -
     recall_series = []
     # A run keeps the same colour in every plot: colour is fixed by its position in `runs`.
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    for run, color in zip(runs, colors, strict=True):
+    labels = run_labels(runs)  # legends tell apart runs that share a name
+    for run, color, label in zip(runs, colors, labels, strict=True):
         m = run["metrics"]
         xy = _xy(m.get("class_counts"), m.get("per_class_recall"))
         if xy is not None:
-            recall_series.append((run["name"], color, xy))
+            recall_series.append((label, color, xy))
     if recall_series:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         try:
@@ -227,14 +259,14 @@ def plot_runs(runs: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -
         # AutoBalance tuned the per-class augmentation probability: show it as a fourth panel.
         panels = (*panels, ("aug", "augmentation probability"))
     param_series = []
-    for run, color in zip(runs, colors, strict=True):
+    for run, color, label in zip(runs, colors, labels, strict=True):
         alpha = run.get("alpha")
         if not alpha:
             continue
         counts = alpha.get("class_counts", run["metrics"].get("class_counts"))
         per_key = {key: _xy(counts, alpha.get(key)) for key, _ in panels}
         if any(v is not None for v in per_key.values()):
-            param_series.append((run["name"], color, per_key))
+            param_series.append((label, color, per_key))
     if param_series:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4), sharex=True)
         try:
@@ -264,20 +296,66 @@ def plot_runs(runs: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -
     return written
 
 
-def report(
-    run_dirs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
-) -> str:
-    """Load runs, write their plots to `out_dir`, and return the comparison table text.
+MANIFEST = "report.json"  # in a report directory: which runs it compares
 
-    `out_dir` defaults to `<parent of the first run dir>/report`.
+
+def default_out_dir(run_dirs: Sequence[Path]) -> Path:
+    """`<parent of the first run>/report-<run dir names joined by +>`, e.g. runs/report-ce+la.
+
+    A long list is shortened to the first name, the count of the others and a hash of all the
+    paths, so the same runs always get the same directory.
+    """
+    name = "+".join(d.name for d in run_dirs)
+    if len(name) > 60:
+        digest = hashlib.sha1("\0".join(str(d.resolve()) for d in run_dirs).encode()).hexdigest()
+        name = f"{run_dirs[0].name}+{len(run_dirs) - 1}-more-{digest[:8]}"
+    return run_dirs[0].parent / f"report-{name}"
+
+
+def _check_target(target: Path, runs: list[str], force: bool) -> None:
+    """Refuse to overwrite a report of a different set of runs (unless `force`)."""
+    manifest = target / MANIFEST
+    if force or not manifest.is_file():
+        return
+    try:
+        before = json.loads(manifest.read_text(encoding="utf-8")).get("runs")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if isinstance(before, list) and set(before) == set(runs):
+        return  # the same runs again: refresh the plots
+    raise UserError(
+        f"{target} holds a report of other runs ({manifest.name}); pass --out DIR for this "
+        "one, or --force to replace it"
+    )
+
+
+def report(
+    run_dirs: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    force: bool = False,
+) -> str:
+    """Load runs, write their plots to `out_dir`; return the table, then one line per file written.
+
+    `out_dir` defaults to `default_out_dir` (`<parent of the first run>/report-<names>`). The
+    directory gets a `report.json` naming the runs; a directory whose report.json names a
+    different set of runs is refused unless `force` (the same runs again just refresh it).
 
     Raises:
-        UserError: when no run is given or a run cannot be loaded (see `load_run`).
+        UserError: when no run is given, a run cannot be loaded (see `load_run`), or `out_dir`
+            holds a report of other runs.
     """
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise UserError("no run directories given: pass one or more runs/<name> paths")
     runs = [load_run(d) for d in dirs]
-    target = Path(out_dir) if out_dir is not None else dirs[0].parent / "report"
-    plot_runs(runs, target)
-    return format_table(runs)
+    target = Path(out_dir) if out_dir is not None else default_out_dir(dirs)
+    resolved = [str(d.resolve()) for d in dirs]
+    _check_target(target, resolved, force)
+    written = plot_runs(runs, target)
+    write_json(target / MANIFEST, {"runs": resolved, "files": [p.name for p in written]})
+    lines = [format_table(runs)]
+    lines += [f"wrote {p}" for p in written] or [
+        f"no plots (no run has per_class_recall and class_counts); {target / MANIFEST} written"
+    ]
+    return "\n".join(lines)

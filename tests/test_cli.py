@@ -60,3 +60,41 @@ def test_changed_config_in_existing_run_dir_is_refused(ce_config, tmp_path):
     r = run_cli("train", ce_config, "--out", out, *FAST, "optim.lr=0.2")
     assert r.returncode == 2 and "optim.lr: 0.05 -> 0.2" in r.stderr
     assert (out / "metrics.json").read_text() == before  # nothing lost
+
+
+def test_train_without_arguments_names_only_the_required_config():
+    r = run_cli("train")
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert "required: config" in line
+    assert "section.key=value" not in line  # overrides are optional
+
+
+def test_warmup_longer_than_the_run_names_the_key_and_a_value_that_works(tmp_path):
+    ab = "configs/digits_lt/autobalance.yaml"
+    r = run_cli("train", ab, "train.epochs=2", "--out", tmp_path / "run")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "method.warmup_epochs=1" in r.stderr and "train.epochs=6" in r.stderr
+    assert not (tmp_path / "run").exists()
+    # Both suggestions are accepted.
+    for fix in ("method.warmup_epochs=1", "train.epochs=6"):
+        epochs = "train.epochs=2" if fix.startswith("method") else fix
+        r = run_cli("config", ab, epochs, fix)
+        assert r.returncode == 0, r.stderr
+    r = run_cli("config", "configs/digits_lt/ce.yaml", "train.epochs=2", "optim.warmup_epochs=3")
+    assert r.returncode == 2 and "optim.warmup_epochs=2" in r.stderr
+
+
+def test_config_explain_shows_each_keys_meaning(ce_config):
+    plain = run_cli("config", ce_config, "optim.lr=0.2")
+    r = run_cli("config", ce_config, "optim.lr=0.2", "--explain")
+    assert r.returncode == 0, r.stderr
+    lr = [line for line in r.stdout.splitlines() if line.strip().startswith("lr:")]
+    assert len(lr) == 1
+    value, comment = lr[0].split("#", 1)
+    assert value.strip() == "lr: 0.2"
+    assert comment.strip() == "base learning rate (the peak after warm-up); > 0.0"
+    assert any("schedule: cosine" in ln and "one of cosine, step, constant" in ln
+               for ln in r.stdout.splitlines())  # fmt: skip
+    # The comments are YAML comments: the same config as without --explain.
+    assert yaml.safe_load(r.stdout) == yaml.safe_load(plain.stdout)

@@ -107,3 +107,22 @@ def test_shipped_configs_load():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_every_key_has_a_meaning_for_config_explain():
+    import dataclasses
+
+    from abdist.config import SECTIONS, explain_yaml
+
+    cfg = Config()
+    missing = [
+        f"{s}.{f.name}"
+        for s in SECTIONS
+        for f in dataclasses.fields(getattr(cfg, s))
+        if not f.metadata.get("help")
+    ]
+    assert missing == []
+    text = explain_yaml(cfg)
+    assert config_from_dict(yaml.safe_load(text)) == cfg
+    keys = [ln for ln in text.splitlines() if ln.startswith("  ")]
+    assert len(keys) == len(all_keys()) and all("  # " in ln for ln in keys)

@@ -161,10 +161,101 @@ def test_report_returns_table_and_writes_default_dir(two_runs):
     root, erm, ab = two_runs
     text = report([erm, ab])
     assert "erm-baseline" in text and "autobalance" in text and "25.00" in text
-    assert (root / "report" / "per_class_recall.png").read_bytes()[:8] == PNG_MAGIC
-    assert (root / "report" / "loss_params.png").is_file()
+    out = root / "report-erm_seed0+ab_seed0"  # named from the runs
+    assert (out / "per_class_recall.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "loss_params.png").is_file()
+    # ...and says so, one line per file.
+    assert f"wrote {out / 'per_class_recall.png'}" in text.splitlines()
+    assert f"wrote {out / 'loss_params.png'}" in text.splitlines()
+    assert json.loads((out / "report.json").read_text())["runs"] == [
+        str(erm.resolve()),
+        str(ab.resolve()),
+    ]
+    # Another set of runs gets another default directory: nothing of the first is replaced.
+    before = (out / "per_class_recall.png").read_bytes()
+    report([erm])
+    assert (root / "report-erm_seed0" / "per_class_recall.png").is_file()
+    assert (out / "per_class_recall.png").read_bytes() == before
     with pytest.raises(UserError):
         report([])
+
+
+def test_report_refuses_to_overwrite_a_report_of_other_runs(two_runs, tmp_path):
+    root, erm, ab = two_runs
+    out = tmp_path / "rep"
+    report([erm, ab], out)
+    before = (out / "per_class_recall.png").read_bytes()
+    with pytest.raises(UserError, match="--force") as e:
+        report([erm], out)
+    assert "\n" not in str(e.value) and str(out) in str(e.value)
+    assert (out / "per_class_recall.png").read_bytes() == before  # untouched
+    assert (out / "loss_params.png").is_file()
+    report([ab, erm], out)  # the same runs (any order): refreshed, no question asked
+    report([erm], out, force=True)
+    assert json.loads((out / "report.json").read_text())["runs"] == [str(erm.resolve())]
+
+
+def test_long_run_lists_get_a_short_stable_default_dir(tmp_path):
+    from abdist.report import default_out_dir
+
+    dirs = [tmp_path / f"a_rather_long_run_directory_name_{i}" for i in range(5)]
+    out = default_out_dir(dirs)
+    assert out.parent == tmp_path and len(out.name) < 80
+    assert out.name.startswith("report-a_rather_long_run_directory_name_0+4-more-")
+    assert default_out_dir(dirs) == out and default_out_dir(dirs[::-1]) != out
+
+
+def test_runs_sharing_a_name_get_distinct_labels(tmp_path, monkeypatch):
+    from abdist import report as report_mod
+
+    metrics = {"name": "digits_lt_la", "method": "erm/la", "accuracy": 0.9,
+               "per_class_recall": [0.9, 0.8], "class_counts": [100, 10]}  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    runs = [
+        load_run(_write_run(tmp_path / "a", "seed0", metrics, alpha={"l": [0.0, -1.0]})),
+        load_run(_write_run(tmp_path / "a", "seed1", metrics, alpha={"l": [0.0, -1.0]})),
+        load_run(_write_run(tmp_path / "b", "seed1", metrics)),
+        load_run(_write_run(tmp_path, "other", {**metrics, "name": "ce"})),
+    ]
+    labels = report_mod.run_labels(runs)
+    assert len(set(labels)) == len(labels) == 4
+    assert labels[0] == "digits_lt_la (seed0)"
+    assert labels[1] == f"digits_lt_la ({tmp_path / 'a' / 'seed1'})"
+    assert labels[2] == f"digits_lt_la ({tmp_path / 'b' / 'seed1'})"
+    assert labels[3] == "ce"  # a unique name stays as it is
+    same = f"digits_lt_la ({tmp_path / 'a' / 'seed0'})"
+    assert report_mod.run_labels([runs[0], runs[0]]) == [f"{same} #1", f"{same} #2"]
+    rows = format_table(runs).splitlines()[2:]
+    assert [r.split("  ")[0].strip() for r in rows] == labels
+    # The legends use the same labels.
+    drawn = []
+    real_draw = report_mod._draw
+    monkeypatch.setattr(
+        report_mod,
+        "_draw",
+        lambda ax, x, y, name, color: (drawn.append(name), real_draw(ax, x, y, name, color)),
+    )
+    report_mod.plot_runs(runs, tmp_path / "plots")
+    assert drawn[:4] == labels  # per-class recall: every run
+    assert set(drawn[4:]) == set(labels[:2])  # loss parameters: the runs with alpha.json
+
+
+def test_report_cli_prints_where_it_wrote_and_refuses_other_runs(two_runs, tmp_path):
+    from tests.conftest import run_cli
+
+    _, erm, ab = two_runs
+    out = tmp_path / "rep"
+    r = run_cli("report", erm, ab, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out / 'per_class_recall.png'}" in r.stdout.splitlines()
+    assert f"wrote {out / 'loss_params.png'}" in r.stdout.splitlines()
+    r = run_cli("report", ab, "--out", out)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "--force" in r.stderr
+    r = run_cli("report", ab, "--out", out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out / 'per_class_recall.png'}" in r.stdout.splitlines()
 
 
 def test_import_does_not_load_matplotlib():

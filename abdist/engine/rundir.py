@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -45,9 +46,16 @@ def lock_run_dir(run_dir: Path, dist) -> Iterator[None]:
         handle = open(run_dir / LOCK_NAME, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+            else:  # a filesystem without locks (some NFS mounts): run, but say it is unguarded
+                print(
+                    f"abdist: warning: cannot lock {run_dir / LOCK_NAME} ({exc.strerror}); "
+                    "nothing stops a second abdist train on this directory",
+                    file=sys.stderr,
+                )
             handle.close()
             handle = None
         else:

@@ -126,8 +126,9 @@ class BadSampleTally:
 
     The loaders count every skip in this process (a sample once per pass); `since_last()` is the
     all-ranks count since the previous call, so each epoch's figure covers that epoch's passes
-    only and a resumed run reports the same figures as an uninterrupted one. In-memory data has
-    no counter: the tally is then inactive and reports nothing.
+    only and a resumed run reports the same figures as an uninterrupted one. In-memory shards from
+    which samples were skipped have one too (each full pass adds its split's skips); digits and
+    undamaged shards have none, and the tally is then inactive.
     """
 
     def __init__(self, data, dist) -> None:
@@ -306,6 +307,7 @@ def train(
                 engine.backward(loss / accum)
             total_loss += loss.item() * len(y)
             seen += len(y)
+            bar.set_loss(total_loss / seen)  # running training loss next to the bar
             if last_micro:
                 engine.step()
                 scheduler.step()
@@ -313,6 +315,7 @@ def train(
                 hyper = method.after_step(step, engine.module) or hyper
                 step += 1
 
+        bar.set_phase("evaluating")
         engine.sync_buffers()  # BatchNorm statistics: the same on every rank before eval/save
         record = {
             "epoch": epoch + 1,
@@ -335,6 +338,7 @@ def train(
         record.update(bad.since_last())  # streamed shards: skipped in this epoch's passes
         record["seconds"] = round(time.perf_counter() - t0, 3)
         log.log(record)
+        bar.close(record)  # the bar gives way to one line per epoch that stays
         tracker.log(record)
         if val is not None and val["balanced_error"] < best["val_balanced_error"]:
             best = {"epoch": epoch, "val_balanced_error": val["balanced_error"]}
