@@ -10,6 +10,11 @@ Environment switches (all optional):
                            phase, on the first attempt only (TORCHELASTIC_RESTART_COUNT=0), so a
                            torchrun --max-restarts=1 job recovers.
   ABDIST_TEST_RANK1_ARGS   extra arguments for rank 1 only (a rank launched with another config).
+  ABDIST_TEST_STOP_AFTER=N with ABDIST_TEST_RECORD: every rank writes its record and exits 0
+                           right after hyper step N (with the reduced hypergradient and the
+                           model state the step started from).
+  ABDIST_TEST_BREAK=HOW    break the 2-rank path on purpose (`no_reduce`, `val_slice`): the
+                           equivalence tests must then fail.
 """
 
 from __future__ import annotations
@@ -21,10 +26,16 @@ import os
 import sys
 from pathlib import Path
 
+from tests.hyper_record import break_two_rank_path, hyper_entry, hyper_exit
+
 rank = int(os.environ.get("RANK", "0"))
 argv = sys.argv[1:]
 if rank == 1 and os.environ.get("ABDIST_TEST_RANK1_ARGS"):
     argv += os.environ["ABDIST_TEST_RANK1_ARGS"].split()
+
+
+if os.environ.get("ABDIST_TEST_BREAK"):
+    break_two_rank_path(os.environ["ABDIST_TEST_BREAK"])
 
 record_dir = os.environ.get("ABDIST_TEST_RECORD")
 if record_dir:
@@ -72,15 +83,19 @@ if record_dir:
             setattr(tdist, name, wrapped)
 
     original_hyper_step = AutoBalance.hyper_step
+    stop_after = int(os.environ.get("ABDIST_TEST_STOP_AFTER", "0"))
 
     def hyper_step(self, model, step):
+        entry = hyper_entry(self, model, with_params=stop_after > 0)
         state["hyper"] = True
         try:
             out = original_hyper_step(self, model, step)
         finally:
             state["hyper"] = False
-        alpha = {k: v.detach().cpu().tolist() for k, v in self.coordinator.alpha_sub.items()}
-        alphas.append({"step": step, "alpha": alpha})
+        alphas.append({"step": step, **hyper_exit(self, entry)})
+        if len(alphas) == stop_after:
+            dump()
+            os._exit(0)  # every rank stops at the same hyper step: no collective left waiting
         return out
 
     AutoBalance.hyper_step = hyper_step

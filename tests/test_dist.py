@@ -224,6 +224,7 @@ def _two_rank_worker(rank, port, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.numerics
 def test_collectives_and_global_batchnorm_in_a_two_process_group(tmp_path):
     torch.multiprocessing.spawn(_two_rank_worker, args=(D._free_port(), tmp_path), nprocs=2)
     res = [_read(tmp_path / f"{r}.json") for r in (0, 1)]
@@ -240,6 +241,7 @@ def test_collectives_and_global_batchnorm_in_a_two_process_group(tmp_path):
 # --- whole runs ---------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_ddp_in_one_process_is_the_plain_run(tmp_path):
     """dist.backend=ddp without a launcher: a private 1-rank group, bitwise the plain run."""
     from tests.conftest import FAST, run_cli
@@ -251,24 +253,36 @@ def test_ddp_in_one_process_is_the_plain_run(tmp_path):
     _same_files(tmp_path / "none", tmp_path / "ddp", ("metrics.json",))
 
 
-def _one_rank_reference(tmp_path, monkeypatch, *extra):
-    """The same run in this process with one rank and the full batch, alpha recorded per step."""
+class _StopAfterFirstHyperStep(Exception):
+    pass
+
+
+def _one_rank_reference(tmp_path, monkeypatch, *extra, stop_after_first=False):
+    """The same run in this process with one rank and the full batch, recorded per hyper step
+    as tests/dist_helper.py records the ranks of a torchrun job."""
     from abdist.engine.recipe import run
     from abdist.methods.autobalance import AutoBalance
+    from tests.hyper_record import hyper_entry, hyper_exit
 
-    alphas, original = [], AutoBalance.hyper_step
+    records, original = [], AutoBalance.hyper_step
 
     def hyper_step(self, model, step):
+        entry = hyper_entry(self, model, with_params=stop_after_first)
         out = original(self, model, step)
-        alphas.append({k: v.tolist() for k, v in self.coordinator.alpha_sub.items()})
+        records.append({"step": step, **hyper_exit(self, entry)})
+        if stop_after_first:
+            raise _StopAfterFirstHyperStep
         return out
 
     monkeypatch.setattr(AutoBalance, "hyper_step", hyper_step)
     monkeypatch.setattr(D, "_DIST", None)
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
-    run(load_config(CONFIG, [*EQ, *extra]), tmp_path / "one")
-    return tmp_path / "one", alphas
+    try:
+        run(load_config(CONFIG, [*EQ, *extra]), tmp_path / "one")
+    except _StopAfterFirstHyperStep:
+        pass
+    return tmp_path / "one", records
 
 
 def _worst_gap(traj, alphas):
@@ -276,40 +290,129 @@ def _worst_gap(traj, alphas):
     return max(abs(a - b) for s, t in zip(traj, alphas) for k in s for a, b in zip(s[k], t[k]))
 
 
-def test_two_ranks_reproduce_one_rank(ddp_run, tmp_path, monkeypatch):
+# --- 2 ranks x B/2 against 1 rank x B ----------------------------------------------------------
+#
+# What is exact, and what is not. From the same state, one lower step and one hyper step of
+# 2 ranks x B/2 equal those of 1 rank x B up to float rounding: DDP averages two half-batch
+# gradients where one rank takes the full-batch mean, and the CPU picks other kernels for 8 and
+# 16 rows (AVX-512 vs AVX2 blocking). Those last-bit differences are then amplified by training:
+# measured worst alpha gap per hyper step over a whole search on an AVX-512 machine 7.5e-9 after
+# the first hyper step, 3.5e-3 after the tenth. So the one-step tests compare tightly, and the
+# whole-run test asserts only what holds robustly (ranks agree bitwise, alpha moves far more than
+# the gap, final metrics within a measured band).
+
+# A hyper step after every optimiser step, from the first: the first hyper step starts from the
+# seeded initialisation plus exactly one lower step. SGD for the upper step: alpha then moves in
+# proportion to the hypergradient (Adam's first step is lr * sign(g) and would hide a wrong one).
+ONE_STEP = ["method.warmup_epochs=0", "method.hyper_interval=1", "method.upper_optim=sgd"]
+# Measured worst gaps, 2 ranks vs 1 rank, under every setting of `make test-portable` (native
+# AVX-512, ATEN_CPU_CAPABILITY=default|avx2, ONEDNN_MAX_CPU_ISA=AVX2, OMP_NUM_THREADS=1|2) on an
+# AMD EPYC: parameters after the lower step 6.0e-8 (one float32 ulp of the largest weight), the
+# reduced hypergradient 7.2e-6 of its norm (the exact solve of an ill-conditioned head Hessian
+# amplifies rounding), alpha after the step 1.2e-7. A broken 2-rank path (no all-reduce, or
+# rank 1 scoring rank 0's validation rows) is 0.26 of the norm and 2.3e-3 in alpha.
+ONE_STEP_TOL = {"params": 1e-5, "hypergrad": 1e-4, "alpha": 1e-5}
+
+
+def _one_step_gaps(two, one):
+    """Worst differences between a 2-rank record (rank 0's) and the 1-rank one."""
+    g2, g1 = torch.tensor(two["hypergrad"]), torch.tensor(one["hypergrad"])
+    p2, p1 = two["params"], one["params"]
+    assert p2.keys() == p1.keys() and g1.norm() > 0
+    return {
+        "params": max(
+            (torch.tensor(p2[k], dtype=torch.float64) - torch.tensor(p1[k], dtype=torch.float64))
+            .abs()
+            .max()
+            .item()
+            for k in p1
+            if p1[k]
+        ),
+        "hypergrad": ((g2 - g1).norm() / g1.norm()).item(),
+        "alpha": max(
+            abs(a - b) for k in one["alpha"] for a, b in zip(two["alpha"][k], one["alpha"][k])
+        ),
+    }
+
+
+def _first_hyper_step_on_two_ranks(tmp_path, *extra, env=None):
+    rec = tmp_path / "rec"
+    env = {"ABDIST_TEST_RECORD": str(rec), "ABDIST_TEST_STOP_AFTER": "1", **(env or {})}
+    _ok(torchrun(tmp_path / "two", *DDP, *ONE_STEP, *extra, env=env))
+    r0, r1 = (_read(rec / f"rank{r}.json")["alphas"] for r in (0, 1))
+    assert len(r0) == len(r1) == 1
+    # DDP: both ranks hold the same parameters and the same broadcast alpha, bitwise.
+    assert r0[0]["params"] == r1[0]["params"] and r0[0]["alpha"] == r1[0]["alpha"]
+    return r0[0]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="sample_mean_objective"),
+        # balanced_ce is a mean of per-class means: per-rank validation slices only estimate it
+        # (measured with dist.hyper_shard=val: alpha 0.32 away from the 1-rank run after a whole
+        # search). =none gives every rank the whole batches, so it is exact again.
+        pytest.param(["method.objective=balanced_ce", "dist.hyper_shard=none"], id="unsharded"),
+    ],
+)
+def test_one_lower_and_one_hyper_step_on_two_ranks_equal_one_rank(tmp_path, monkeypatch, extra):
+    two = _first_hyper_step_on_two_ranks(tmp_path, *extra)
+    _, (one,) = _one_rank_reference(tmp_path, monkeypatch, *ONE_STEP, *extra, stop_after_first=True)
+    gaps = _one_step_gaps(two, one)
+    assert all(gaps[k] < ONE_STEP_TOL[k] for k in gaps), gaps
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("broken", ["no_reduce", "val_slice"])
+def test_the_one_step_comparison_catches_a_broken_two_rank_path(tmp_path, monkeypatch, broken):
+    """Negative controls: without the hypergradient all-reduce, or with rank 1 scoring rank 0's
+    validation rows, the same comparison fails by orders of magnitude (so it can fail)."""
+    two = _first_hyper_step_on_two_ranks(tmp_path, env={"ABDIST_TEST_BREAK": broken})
+    _, (one,) = _one_rank_reference(tmp_path, monkeypatch, *ONE_STEP, stop_after_first=True)
+    gaps = _one_step_gaps(two, one)
+    assert gaps["params"] < ONE_STEP_TOL["params"]  # the lower step is not what was broken
+    assert gaps["hypergrad"] > 100 * ONE_STEP_TOL["hypergrad"], gaps
+
+
+@pytest.mark.numerics
+def test_two_ranks_follow_one_rank_over_a_whole_run(ddp_run, tmp_path, monkeypatch):
     two, (rec0, rec1) = ddp_run
-    one, alphas = _one_rank_reference(tmp_path, monkeypatch)
+    one, records = _one_rank_reference(tmp_path, monkeypatch)
     traj = [a["alpha"] for a in rec0["alphas"]]
     assert traj == [a["alpha"] for a in rec1["alphas"]]  # every rank holds rank 0's alpha, bitwise
+    alphas = [r["alpha"] for r in records]
     worst = _worst_gap(traj, alphas)
-    assert worst < 1e-4, worst  # measured: ~2e-5 after 15 hyper steps (float rounding only)
     moved = max(abs(a - b) for k in traj[0] for a, b in zip(traj[-1][k], alphas[0][k]))
-    assert moved > 100 * worst  # ... while alpha itself moved by orders of magnitude more
+    assert worst < WHOLE_RUN_ALPHA_BAND, worst
+    assert moved > 20 * worst, (moved, worst)  # alpha itself moved by far more than the gap
     for name in ("search/metrics.json", "metrics.json"):
         m1, m2 = _read(one / name), _read(two / name)
-        # 500 test samples. Weights equal up to float rounding (amplified over a retrain from
-        # scratch) may flip a few borderline predictions: measured 0-2 samples, allowed 5.
-        assert abs(m1["accuracy"] - m2["accuracy"]) <= 0.01 + 1e-9, name
-        assert abs(m1["balanced_error"] - m2["balanced_error"]) <= 0.01 + 1e-9, name
+        # 500 test samples. Weights equal up to amplified rounding (over the search and a
+        # retrain from scratch) flip borderline predictions: measured up to METRICS_MEASURED.
+        assert abs(m1["accuracy"] - m2["accuracy"]) <= WHOLE_RUN_METRIC_BAND, name
+        assert abs(m1["balanced_error"] - m2["balanced_error"]) <= WHOLE_RUN_METRIC_BAND, name
     a1, a2 = _read(one / "alpha.json"), _read(two / "alpha.json")
-    assert max(abs(x - y) for k in ("l", "delta") for x, y in zip(a1[k], a2[k])) < 1e-4
+    assert (
+        max(abs(x - y) for k in ("l", "delta") for x, y in zip(a1[k], a2[k])) < WHOLE_RUN_ALPHA_BAND
+    )
     log1, log2 = (
         [json.loads(x) for x in (d / "search" / "log.jsonl").read_text().splitlines()]
         for d in (one, two)
     )
-    assert [r["train_loss"] for r in log1] == pytest.approx([r["train_loss"] for r in log2], 1e-5)
+    losses1, losses2 = ([r["train_loss"] for r in log] for log in (log1, log2))
+    assert losses1 == pytest.approx(losses2, rel=WHOLE_RUN_LOSS_REL)
 
 
-def test_unsharded_hyper_steps_make_a_per_class_objective_match_one_rank(tmp_path, monkeypatch):
-    # balanced_ce is a mean of per-class means: per-rank validation slices only estimate it
-    # (measured with dist.hyper_shard=val: alpha 0.32 away from the 1-rank run). =none gives
-    # every rank the whole batches, so the 2-rank search follows the 1-rank one up to rounding.
-    extra = ["method.objective=balanced_ce", "dist.hyper_shard=none"]
-    rec = tmp_path / "rec"
-    _ok(torchrun(tmp_path / "two", *DDP, *extra, env={"ABDIST_TEST_RECORD": str(rec)}))
-    traj = [a["alpha"] for a in _read(rec / "rank0.json")["alphas"]]
-    _, alphas = _one_rank_reference(tmp_path, monkeypatch, *extra)
-    assert _worst_gap(traj, alphas) < 1e-4
+# Whole-run bands, measured under every setting of `make test-portable`: worst alpha gap over
+# the search 3.5e-3 natively (AVX-512), 1.8e-5..3.4e-5 under the AVX2/default kernels, while
+# alpha moved 0.437; alpha.json 2.8e-3 apart; test metrics of search and retrain 0.004 apart
+# (2 of 500 samples); per-epoch training loss 5.1e-4 relative. With the hypergradient all-reduce
+# dropped the alpha gap is 0.24: the band still catches a broken path.
+WHOLE_RUN_ALPHA_BAND = 0.05
+WHOLE_RUN_METRIC_BAND = 0.03
+WHOLE_RUN_LOSS_REL = 1e-2
 
 
 def test_a_hyper_step_moves_one_reduce_and_one_broadcast_of_K_floats(ddp_run):
@@ -460,6 +563,7 @@ def _needs_deepspeed():
         pytest.skip("DeepSpeed not installed (pip install 'abdist[deepspeed]')")
 
 
+@pytest.mark.numerics
 def test_deepspeed_zero1_reproduces_ddp(ddp_run, tmp_path):
     _needs_deepspeed()
     ref, _ = ddp_run
@@ -474,6 +578,7 @@ def test_deepspeed_zero1_reproduces_ddp(ddp_run, tmp_path):
     assert abs(m1["accuracy"] - m2["accuracy"]) <= 0.01 + 1e-9
 
 
+@pytest.mark.numerics
 def test_deepspeed_zero2_checkpoints_round_trip_through_a_restart(ddp_run, tmp_path):
     _needs_deepspeed()
     ref, _ = ddp_run
