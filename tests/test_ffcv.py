@@ -147,6 +147,7 @@ def test_prepare_is_byte_identical_when_repeated(prepared, tmp_path):
 
 @needs_ffcv
 @pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.numerics
 def test_eval_pass_yields_each_sample_once_with_its_label_and_pixels(prepared, split):
     from abdist.data.ffcv_backend import FFCVSplit
 
@@ -170,7 +171,8 @@ def test_eval_pass_yields_each_sample_once_with_its_label_and_pixels(prepared, s
         got = (x[k] * 255).round().permute(1, 2, 0)
         worst[ext] = max(worst[ext], (got - want.float()).abs().max().item())
     # PNG -> raw pixels: exact. JPEG bytes kept, but FFCV decodes with libjpeg-turbo's fast DCT
-    # (PIL: the accurate one): a few levels apart.
+    # (PIL: the accurate one): a few levels apart. Measured: 5 levels, the same on every
+    # `make test-portable` setting (libjpeg-turbo, not torch's CPU kernels).
     assert worst["png"] == 0.0
     assert worst["jpg"] <= 8.0
 

@@ -123,6 +123,7 @@ def _ids(split: ShardSplit, batch_size: int, **kw) -> list[int]:
 # --- single process, real workers --------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_eval_pass_decodes_labels_and_normalises_exactly(tmp_path):
     truth = write_shards(tmp_path, {"val": [23, 17]}, mean=[0.2, 0.4, 0.6], std=[0.5, 0.25, 0.2])
     split = ShardSplit(tmp_path, "val", num_workers=0)

@@ -176,6 +176,7 @@ def test_cifar_shards_hold_lossless_pixels_with_their_labels(cifar, tmp_path):
     assert len(set(first)) >= 5
 
 
+@pytest.mark.numerics
 def test_manifest_pixel_statistics_are_the_training_split_s(cifar, tmp_path, monkeypatch):
     folder, _ = cifar
     m = prepare(str(folder), tmp_path / "out", PrepareOptions(imbalance_ratio=5, shard_size=25))

@@ -53,6 +53,7 @@ def test_group_features_on_shards_without_groups_are_one_line_errors(shards, tmp
             run(cfg, tmp_path / extra)
 
 
+@pytest.mark.numerics
 def test_streamed_groups_evaluate_like_memory_and_drive_per_group_autobalance(tmp_path):
     import torch
 
@@ -84,6 +85,7 @@ def test_streamed_groups_evaluate_like_memory_and_drive_per_group_autobalance(tm
     assert len(cells["l"]) == 2 and cells["l"][0] != cells["l"][1]  # the rows were tuned apart
 
 
+@pytest.mark.numerics
 def test_streamed_autobalance_trains_deterministically_and_resumes_exactly(
     shards, tmp_path, capsys
 ):
@@ -130,6 +132,7 @@ def test_corrupt_samples_are_skipped_and_counted_in_the_metrics(tmp_path):
         run(strict, tmp_path / "strict")
 
 
+@pytest.mark.numerics
 def test_two_ranks_stream_the_shards_and_evaluate_each_sample_once(shards, tmp_path):
     out = tmp_path / "ddp"
     _ok(torchrun(out, *DDP, *STREAM, f"data.root={shards}", "data.workers=1"))
