@@ -104,12 +104,12 @@ def test_detect_env_reads_torchrun_then_slurm_else_one_process():
     # An sbatch script's own shell (one task) and a plain process are both one process.
     assert D.detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == D.DistEnv()
     assert D.detect_env({}) == D.DistEnv()
-    assert D._first_slurm_host("node17") == "node17"
-    assert D._first_slurm_host("a-b[01-04]") == "a-b01"
+    assert D.first_slurm_host("node17") == "node17"
+    assert D.first_slurm_host("a-b[01-04]") == "a-b01"
 
 
 def test_several_processes_need_a_distributed_backend(monkeypatch):
-    monkeypatch.setattr(D, "_DIST", None)
+    D.reset_dist()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match=r"rank 1 of 2 .*dist.backend=none; pass dist.backend=ddp"):
@@ -119,7 +119,7 @@ def test_several_processes_need_a_distributed_backend(monkeypatch):
 def test_missing_deepspeed_is_a_one_line_error(monkeypatch, capsys, tmp_path):
     from abdist.cli import main
 
-    monkeypatch.setattr(D, "_DIST", None)
+    D.reset_dist()
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ImportError
     assert main(["train", str(CONFIG), "--out", str(tmp_path), "dist.backend=deepspeed"]) == 2
     err = capsys.readouterr().err.strip()
@@ -226,7 +226,7 @@ def _two_rank_worker(rank, port, out):
 
 @pytest.mark.numerics
 def test_collectives_and_global_batchnorm_in_a_two_process_group(tmp_path):
-    torch.multiprocessing.spawn(_two_rank_worker, args=(D._free_port(), tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(_two_rank_worker, args=(D.free_port(), tmp_path), nprocs=2)
     res = [_read(tmp_path / f"{r}.json") for r in (0, 1)]
     for r in res:
         assert r["mean"] == [1.5, 3.0] and r["sum"] == [3.0, 6.0] and r["bcast"] == [1.0, 2.0]
@@ -275,7 +275,7 @@ def _one_rank_reference(tmp_path, monkeypatch, *extra, stop_after_first=False):
         return out
 
     monkeypatch.setattr(AutoBalance, "hyper_step", hyper_step)
-    monkeypatch.setattr(D, "_DIST", None)
+    D.reset_dist()
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
     try:
@@ -468,7 +468,7 @@ def test_a_dead_rank_ends_the_job_quickly_and_is_named(tmp_path):
 def test_without_a_launcher_the_survivor_stops_at_once_with_one_line(tmp_path):
     """Ranks started by something that does not tear the job down (RANK/WORLD_SIZE set by hand):
     the survivor's next collective fails; it exits 4 with one line instead of a traceback."""
-    port = str(D._free_port())
+    port = str(D.free_port())
     procs = []
     for r in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RANK": str(r),
@@ -526,7 +526,7 @@ def test_slurm_tasks_without_torchrun_train_together(tmp_path):
     """Two processes with only Slurm's srun variables (no torchrun) find each other."""
     ce = REPO / "configs" / "digits_lt" / "ce.yaml"
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    job = str(D._free_port())  # the same job id on both tasks: the port derives from it
+    job = str(D.free_port())  # the same job id on both tasks: the port derives from it
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "abdist", "train", str(ce), "--out", str(tmp_path / "run"),
