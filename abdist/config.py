@@ -68,6 +68,12 @@ class ModelConfig:
     head: str = _opt(
         "linear", choices=("linear", "cosine"), help="classifier head (cosine: for ldam's scale)"
     )
+    init_from: str = _opt(
+        "",
+        help="fine-tune: start from the weights a finished run tested (its run directory) or of "
+        "one checkpoint file (RUN/checkpoints/epoch-NNNNNN.pt); optimiser and schedule start "
+        "fresh (empty = random init)",
+    )
 
 
 @dataclass
@@ -87,7 +93,7 @@ class LossConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _opt("erm", choices=("erm", "autobalance"), help="training method")
+    name: str = _opt("erm", help="training method: a registered one (built in: erm, autobalance)")
     # AutoBalance: the loss preset in `loss` is the initialisation (ce: neutral, la: l = tau*log pi,
     # cdt: delta ~ (n/n_max)^gamma, vs: both); these keys say what is tuned and how.
     tune: list = _opt(["l", "delta"], help="subset of w, l, delta, aug")
@@ -442,6 +448,9 @@ def config_from_dict(data: dict, where: str = "config") -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key cannot express."""
+    from abdist import methods  # imported here: the methods themselves import this module
+
+    methods.get(cfg.method.name)  # a registered method, or one line with a suggestion
     if cfg.data.val >= 1 and cfg.data.val != int(cfg.data.val):
         raise UserError(
             f"'data.val' is a fraction (<1) or a whole count per class; got {cfg.data.val}"

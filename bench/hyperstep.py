@@ -58,6 +58,7 @@ from abdist.config import load_config  # noqa: E402
 from abdist.data.memory import DataBundle, TensorSplit  # noqa: E402
 from abdist.engine.trainer import build_optimizer  # noqa: E402
 from abdist.losses import ParametricLoss, build_loss_spec  # noqa: E402
+from abdist.methods import Batch  # noqa: E402
 from abdist.methods.autobalance import AutoBalance  # noqa: E402
 from abdist.methods.erm import ERM  # noqa: E402
 from abdist.models import create_model  # noqa: E402
@@ -222,7 +223,7 @@ class Bench:
         self.cursor += 1
         sync(self.device)
         t0 = time.perf_counter()
-        loss = method.training_loss(self.model, x, y)
+        loss = method.training_loss(self.model, Batch(x, y))
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

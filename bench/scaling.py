@@ -65,7 +65,9 @@ def worker(args) -> None:
 
     from abdist.config import load_config
     from abdist.engine.dist import init_dist, wrap
+    from abdist.engine.routing import loss_through
     from abdist.losses import build_loss_spec
+    from abdist.methods import Batch
     from abdist.methods.autobalance import AutoBalance
     from abdist.models import create_model
 
@@ -126,7 +128,10 @@ def worker(args) -> None:
                                              drop_last=True, rank=dist.rank,
                                              world_size=dist.world_size)  # fmt: skip
                 x, y = next(batches)
-            loss = method.training_loss(engine.model, x, y)
+            batch = Batch(x, y)
+            loss = loss_through(
+                engine.model, engine.module, lambda m, b=batch: method.training_loss(m, b)
+            )
             engine.backward(loss)
             engine.step()
             if search and (step + 1) % args.hyper_interval == 0:

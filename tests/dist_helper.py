@@ -15,6 +15,9 @@ Environment switches (all optional):
                            model state the step started from).
   ABDIST_TEST_BREAK=HOW    break the 2-rank path on purpose (`no_reduce`, `val_slice`): the
                            equivalence tests must then fail.
+  ABDIST_TEST_FEATURE_MIX  register method.name=feature_mix (a loss on features and head
+                           separately); `bypass` computes it outside the DDP wrapper's forward.
+  ABDIST_TEST_PARAMS=DIR   every rank writes its final model parameters to DIR/rank<r>.pt.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ import os
 import sys
 from pathlib import Path
 
-from tests.hyper_record import break_two_rank_path, hyper_entry, hyper_exit
+from tests.hyper_record import (
+    break_two_rank_path,
+    hyper_entry,
+    hyper_exit,
+    register_feature_mix,
+)
+from tests.patching import replace
 
 rank = int(os.environ.get("RANK", "0"))
 argv = sys.argv[1:]
@@ -36,6 +45,8 @@ if rank == 1 and os.environ.get("ABDIST_TEST_RANK1_ARGS"):
 
 if os.environ.get("ABDIST_TEST_BREAK"):
     break_two_rank_path(os.environ["ABDIST_TEST_BREAK"])
+if os.environ.get("ABDIST_TEST_FEATURE_MIX"):  # routed | bypass
+    register_feature_mix(bypass=os.environ["ABDIST_TEST_FEATURE_MIX"] == "bypass")
 
 record_dir = os.environ.get("ABDIST_TEST_RECORD")
 if record_dir:
@@ -77,12 +88,11 @@ if record_dir:
         "gather_object", "scatter", "all_to_all", "all_to_all_single", "barrier", "send", "recv",
         "isend", "irecv", "monitored_barrier",
     ):  # fmt: skip
-        if hasattr(c10d, name):
+        if hasattr(c10d, name):  # the list covers torch versions; not every one has each
             wrapped = recorded(name, getattr(c10d, name))
-            setattr(c10d, name, wrapped)
-            setattr(tdist, name, wrapped)
+            replace(c10d, name, wrapped)
+            replace(tdist, name, wrapped)
 
-    original_hyper_step = AutoBalance.hyper_step
     stop_after = int(os.environ.get("ABDIST_TEST_STOP_AFTER", "0"))
 
     def hyper_step(self, model, step):
@@ -98,7 +108,7 @@ if record_dir:
             os._exit(0)  # every rank stops at the same hyper step: no collective left waiting
         return out
 
-    AutoBalance.hyper_step = hyper_step
+    original_hyper_step = replace(AutoBalance, "hyper_step", hyper_step)
 
     def dump():
         Path(record_dir).mkdir(parents=True, exist_ok=True)
@@ -122,8 +132,22 @@ if die and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
 
             return after_step
 
-        ERM.after_step = dying(ERM.after_step)
-        AutoBalance.after_step = dying(AutoBalance.after_step)
+        for cls in (ERM, AutoBalance):
+            replace(cls, "after_step", dying(cls.after_step))
+
+params_dir = os.environ.get("ABDIST_TEST_PARAMS")
+if params_dir:
+    import torch
+
+    from abdist.engine import trainer
+
+    def evaluate_and_keep(model, split, **kwargs):
+        # The final test pass: each rank's model as it finished training.
+        Path(params_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), Path(params_dir) / f"rank{rank}.pt")
+        return original_evaluate(model, split, **kwargs)
+
+    original_evaluate = replace(trainer, "evaluate", evaluate_and_keep)
 
 from abdist.cli import main  # noqa: E402
 

@@ -415,6 +415,29 @@ WHOLE_RUN_METRIC_BAND = 0.03
 WHOLE_RUN_LOSS_REL = 1e-2
 
 
+@pytest.mark.parametrize("route", ["routed", "bypass"])
+def test_a_feature_level_loss_is_all_reduced_like_any_other(tmp_path, route):
+    """A loss on model.features / model.head runs inside DDP's forward, so the ranks' weights
+    stay identical. Computed on the bare module outside the wrapper (what a method had to do
+    before), the head's gradients are never all-reduced and the ranks drift apart, silently."""
+    ce = REPO / "configs" / "digits_lt" / "ce.yaml"
+    env = {"ABDIST_TEST_FEATURE_MIX": route, "ABDIST_TEST_PARAMS": str(tmp_path / "params")}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(HELPER), "train", str(ce), "--out", str(tmp_path / "run"), "method.name=feature_mix",
+        "dist.backend=ddp", "train.epochs=2", "train.batch_size=16", "train.threads=1",
+        "tracking.progress=never",
+    ]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
+    _ok(subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=300))
+    p0, p1 = (torch.load(tmp_path / "params" / f"rank{r}.pt") for r in (0, 1))
+    gaps = {k: (p0[k].double() - p1[k].double()).abs().max().item() for k in p0}
+    if route == "routed":
+        assert all(g == 0 for g in gaps.values()), gaps  # bitwise: one all-reduced gradient
+    else:
+        assert max(gaps.values()) > 1e-3, gaps  # what the routing prevents
+
+
 def test_a_hyper_step_moves_one_reduce_and_one_broadcast_of_K_floats(ddp_run):
     run_dir, recs = ddp_run
     for rec in recs:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from abdist.config import load_config
@@ -12,6 +13,7 @@ from abdist.report import report
 from tests.conftest import FAST, REPO
 
 
+@pytest.mark.numerics
 def test_shards_in_memory_hold_the_digits_splits_and_train(tmp_path):
     shards = tmp_path / "shards"
     prepare("digits", shards, PrepareOptions(imbalance_ratio=10.0, seed=0))
@@ -29,6 +31,7 @@ def test_shards_in_memory_hold_the_digits_splits_and_train(tmp_path):
     assert m["class_counts"] == ref.class_counts and 0 <= m["balanced_error"] <= 1
 
 
+@pytest.mark.numerics
 def test_group_shards_tune_autobalance_for_equal_opportunity_and_report_group_metrics(tmp_path):
     import json
 
@@ -86,7 +89,7 @@ def test_group_shards_tune_autobalance_for_equal_opportunity_and_report_group_me
     merged = data.with_val_merged()
     frozen = AutoBalance(cells_cfg, merged, build_loss_spec("la", merged.class_counts), None,
                          "cpu", frozen=alpha)  # fmt: skip
-    assert frozen.needs_train_groups and frozen.current["l"].tolist() == cells["l"]
+    assert "groups" in frozen.needs and frozen.current["l"].tolist() == cells["l"]
     wrong = {**alpha, "cells": {**cells, "num_groups": 3}}
     with pytest.raises(UserError, match="retrain on the data searched on"):
         AutoBalance(cells_cfg, merged, build_loss_spec("la", merged.class_counts), None, "cpu",

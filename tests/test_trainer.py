@@ -113,6 +113,7 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_metrics(
     assert log == list(range(1, n_epochs + 1))  # no duplicated or missing epochs after resuming
 
 
+@pytest.mark.numerics
 def test_augment_prob_zero_trains_on_clean_images_and_one_on_augmented(tmp_path):
     # Batch order is drawn before any augmentation, so a run that augments no sample must be the
     # run with augmentation switched off (up to float rounding: the batches are separate tensors);
@@ -124,6 +125,8 @@ def test_augment_prob_zero_trains_on_clean_images_and_one_on_augmented(tmp_path)
         ]
 
     off = final_loss("off", "data.augment_pad=0", "data.augment_flip=false")
-    assert final_loss("p0", "data.augment_prob=0") == pytest.approx(off, rel=1e-6)
+    # measured <= 5.6e-7 relative (default/avx2 kernels; 1.3e-8 on AVX-512/AVX2-oneDNN); the
+    # augmented runs below are 5-12% away.
+    assert final_loss("p0", "data.augment_prob=0") == pytest.approx(off, rel=1e-5)
     every, half = final_loss("p1"), final_loss("p05", "data.augment_prob=0.5")
     assert abs(every - off) > 1e-3 and abs(half - off) > 1e-3 and abs(every - half) > 1e-3

@@ -70,7 +70,7 @@ class CheckpointDir:
         atomic_write(path, lambda f: f.write(data), mode="wb")
         # The sidecar follows the file it describes: a kill between the two leaves a checkpoint
         # without one, which is read unverified (as checkpoints written before sidecars existed).
-        write_text(_sidecar(path), hashlib.sha256(data).hexdigest() + "\n")
+        write_text(sidecar_path(path), hashlib.sha256(data).hexdigest() + "\n")
         write_text(self.root / "latest", path.name + "\n")
         self._prune()
         return path
@@ -124,7 +124,7 @@ class CheckpointDir:
             data = path.read_bytes()
         except OSError as exc:
             raise CheckpointUnreadable(f"{path} cannot be read ({exc.strerror})") from None
-        sidecar = _sidecar(path)
+        sidecar = sidecar_path(path)
         if sidecar.is_file():
             want = sidecar.read_text().strip()
             if hashlib.sha256(data).hexdigest() != want:
@@ -149,7 +149,7 @@ class CheckpointDir:
         files = sorted(self.root.glob("epoch-*.pt"))
         for old in files[: max(0, len(files) - self.keep)]:
             old.unlink(missing_ok=True)
-            _sidecar(old).unlink(missing_ok=True)
+            sidecar_path(old).unlink(missing_ok=True)
             shutil.rmtree(self.root / "deepspeed" / old.stem, ignore_errors=True)
 
 
@@ -160,5 +160,5 @@ class CheckpointUnreadable(Exception):
 _CHECKPOINT_NAME = re.compile(r"epoch-\d{6}\.pt")
 
 
-def _sidecar(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")

@@ -1,5 +1,10 @@
 """Recipes: which training phases a config runs, each one call of the training loop.
 
+The phases come from the method's registration (`MethodSpec.phases`, abdist/methods/protocol.py):
+one phase without a subdirectory trains in the run directory itself; several each get their own
+(<run>/<subdir>), later ones reading earlier ones' artifacts, and the run directory then holds the
+final phase's metrics (plus the earlier phases' headline figures) and what the run found.
+
 ERM is one phase. AutoBalance is a search (loss parameters tuned on validation data, in
 <run>/search) followed, when `method.retrain` is on, by a retrain from scratch on train+val with
 the found per-class parameters frozen (<run>/retrain) -- the same D_pi-expanded vectors, so search
@@ -13,11 +18,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from abdist import methods
 from abdist.config import Config
 from abdist.engine.dist import init_dist, peer_failures_as_user_errors
 from abdist.engine.rundir import check_out_dir, check_resumable, lock_run_dir
 from abdist.engine.trainer import train
 from abdist.io import write_json, write_text
+from abdist.methods import Phase
 
 
 def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
@@ -33,20 +40,44 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
 
 
 def _phases(cfg: Config, run_dir: Path, dist) -> dict[str, Any]:
-    if cfg.method.name != "autobalance" or not cfg.method.retrain:
-        return train(cfg, run_dir)
+    phases = methods.get(cfg.method.name).phases(cfg)
+    if len(phases) == 1 and phases[0].subdir is None:
+        return train(cfg, run_dir, phase=phases[0])
     check_resumable(run_dir, cfg)
     if dist.is_main:  # every rank runs the recipe; one writes the shared files
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", cfg.to_yaml())
 
-    search = train(cfg, run_dir / "search")
-    alpha = json.loads((run_dir / "search" / "alpha.json").read_text())
-    final = train(cfg, run_dir / "retrain", frozen_alpha=alpha, merge_val=True)
-    final["search"] = {
-        k: search[k] for k in ("accuracy", "balanced_error", "worst_class_recall", "selected_epoch")
-    }
+    results = {}
+    for phase in phases:
+        inputs = (
+            _artifacts(run_dir / _subdir(phases, phase.inputs_from)) if phase.inputs_from else {}
+        )
+        results[phase.name] = train(cfg, run_dir / phase.subdir, phase=phase, inputs=inputs)
+    final = results[phases[-1].name]
+    for phase in phases[:-1]:  # the earlier phases' headline figures, for the table and sweeps
+        final[phase.name] = {k: results[phase.name][k] for k in SUMMARY}
     if dist.is_main:
-        write_json(run_dir / "alpha.json", alpha)
+        # What the run found: the artifacts the last phase was built from (AutoBalance: the
+        # search's alpha.json), next to the final phase's metrics.
+        found = phases[-1].inputs_from or phases[-1].name
+        for name, content in _artifacts(run_dir / _subdir(phases, found)).items():
+            write_json(run_dir / name, content)
         write_json(run_dir / "metrics.json", final)
     return final
+
+
+SUMMARY = ("accuracy", "balanced_error", "worst_class_recall", "selected_epoch")
+
+
+def _subdir(phases: list[Phase], name: str) -> str:
+    return next(p.subdir for p in phases if p.name == name)
+
+
+def _artifacts(phase_dir: Path) -> dict[str, Any]:
+    """A finished phase's JSON artifacts (every *.json but its metrics)."""
+    return {
+        p.name: json.loads(p.read_text())
+        for p in sorted(phase_dir.glob("*.json"))
+        if p.name != "metrics.json"
+    }

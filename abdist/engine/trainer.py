@@ -25,17 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from abdist import methods
 from abdist.config import Config, check_positive_class
 from abdist.data import build_augment, build_data
-from abdist.data.memory import class_aware
 from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
 from abdist.engine.dist import init_dist, sync_batchnorm, wrap
+from abdist.engine.init_from import load_init_weights
+from abdist.engine.routing import loss_through
 from abdist.engine.rundir import check_out_dir, check_resumable, resume_state
 from abdist.errors import UserError
 from abdist.io import write_json, write_text
-from abdist.losses import ParametricLoss, build_loss_spec
-from abdist.methods.autobalance import AutoBalance
-from abdist.methods.erm import ERM
+from abdist.losses import build_loss_spec
+from abdist.methods import Batch, Phase, SetupContext
 from abdist.metrics import (
     GROUP_SCALAR_METRICS,
     class_metrics,
@@ -149,14 +150,18 @@ class BadSampleTally:
 
 
 def train(
-    cfg: Config, run_dir: str | Path, *, frozen_alpha: dict | None = None, merge_val: bool = False
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    phase: Phase | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; return the test metrics also written to disk.
-
-    `frozen_alpha` (AutoBalance retrain): fixed per-class loss parameters found by a search.
-    `merge_val`: train on train+val (the retrain phase); validation metrics are then not logged.
+    """Train (or resume) one phase of the run in `run_dir`; return the test metrics also written
+    to disk. `phase` (abdist.methods.Phase): which of the method's phases (default: a plain one);
+    `inputs`: the artifacts of the phase it reads (`phase.inputs_from`).
     """
     run_dir = Path(run_dir)
+    phase = phase or Phase("train")
     dist = init_dist(cfg)  # torchrun / Slurm / one process; the process group; this rank's device
     dist.check_same_config(cfg.to_dict(), str(run_dir))
     check_out_dir(run_dir)
@@ -173,16 +178,18 @@ def train(
     autocast = _autocast(cfg, device)
 
     data = build_data(cfg.data, dist.rank, dist.world_size)  # streamed shards: per rank
-    if merge_val or cfg.train.merge_val:
+    if phase.merge_val or cfg.train.merge_val:
         data = data.with_val_merged()
-    augment = build_augment(cfg.data)
     model = create_model(
         cfg.model.name,
         num_classes=data.num_classes,
         in_channels=data.in_channels,
         image_size=data.image_size,
         head=cfg.model.head,
-    ).to(device)
+    )
+    # Fine-tuning: the weights of an earlier run (strict); optimiser and schedule start fresh.
+    init = load_init_weights(model, cfg.model.init_from) if cfg.model.init_from else None
+    model = model.to(device)
     if cfg.dist.sync_bn and dist.world_size > 1:
         model = sync_batchnorm(model, device)
     torch.manual_seed(cfg.train.seed + dist.rank)  # per-rank stream for anything drawn from here on
@@ -197,13 +204,11 @@ def train(
         drw_epoch=lc.drw_epoch,
         drw_beta=lc.drw_beta,
     )
-    if cfg.method.name == "autobalance":
-        method = AutoBalance(cfg, data, spec, augment, device, frozen=frozen_alpha, comm=dist)
-        augment = method.train_augment()
-    else:
-        method = ERM(ParametricLoss(spec).to(device))
-        if augment is not None and cfg.data.augment_prob < 1:
-            augment = class_aware(augment, torch.full((data.num_classes,), cfg.data.augment_prob))
+    ctx = SetupContext(
+        cfg, data, model, spec, build_augment(cfg.data), device, dist, phase, inputs or {}
+    )
+    method = methods.get(cfg.method.name).build(ctx)
+    augment = method.train_augment()
     optimizer = build_optimizer(model.parameters(), cfg.optim)
 
     B, accum = cfg.train.batch_size, cfg.train.grad_accum  # B is the global batch
@@ -264,7 +269,7 @@ def train(
         return conf.sum(0), group_confusion_metrics(conf, positive_class)
 
     bad = BadSampleTally(data, dist)
-    with_groups = getattr(method, "needs_train_groups", False)
+    with_groups = "groups" in method.needs
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
@@ -289,13 +294,15 @@ def train(
             desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
             mode=cfg.tracking.progress if dist.is_main else "never",
         )
-        for i, batch in enumerate(bar):
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            g = batch[2].to(device, non_blocking=True) if with_groups else None
+        for i, fields in enumerate(bar):
+            batch = Batch(*fields).to(device)
             last_micro = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
             with engine.grad_sync(last_micro):
                 with autocast:
-                    loss = method.training_loss(engine.model, x, y, g)
+                    # Inside the wrapper's forward: whatever the loss reaches is all-reduced.
+                    loss = loss_through(
+                        engine.model, engine.module, lambda m, b=batch: method.training_loss(m, b)
+                    )
                 if not torch.isfinite(loss):
                     last = ckpts.latest()
                     kept = f"last good checkpoint kept at {last}" if last else "no checkpoint yet"
@@ -305,10 +312,11 @@ def train(
                         f"{kept}; lower optim.lr or use train.precision=fp32"
                     )
                 engine.backward(loss / accum)
-            total_loss += loss.item() * len(y)
-            seen += len(y)
+            total_loss += loss.item() * len(batch.y)
+            seen += len(batch.y)
             bar.set_loss(total_loss / seen)  # running training loss next to the bar
             if last_micro:
+                method.before_step(step, engine.module, optimizer.param_groups[0]["lr"])
                 engine.step()
                 scheduler.step()
                 # The hyper step differentiates twice: on the bare module, never through DDP.
@@ -380,16 +388,18 @@ def train(
         + 1,
         confusion_matrix=test_conf.tolist(),
     )
+    if init is not None:
+        metrics["init_from"] = init  # which weights it started from (path, epoch, sha256)
     if test_groups is not None:
         metrics.update({k: test_groups[k] for k in GROUP_SCALAR_METRICS})
         metrics["groups"] = {"positive_class": positive_class, **test_groups}
     metrics.update(bad.since_last())  # skipped in the test pass
-    params = method.loss_params()
+    artifacts = method.artifacts()
     if dist.is_main:
-        alpha = {"class_counts": list(data.class_counts), **params}
-        write_json(run_dir / "alpha.json", alpha)
+        for name, content in artifacts.items():
+            write_json(run_dir / name, content)
         write_json(run_dir / "metrics.json", metrics)
-        tracker.log_summary(metrics, alpha)
+        tracker.log_summary(metrics, artifacts.get("alpha.json"))
     tracker.finish()
     dist.barrier()  # no rank leaves before rank 0's files exist (a retrain reads alpha.json)
     return metrics

@@ -40,6 +40,8 @@ from abdist.config import check_positive_class
 from abdist.data.memory import class_aware
 from abdist.errors import UserError
 from abdist.losses import LossSpec, delta_to_logit, parametric_cross_entropy
+from abdist.methods.protocol import Batch, MethodSpec, Phase, SetupContext
+from abdist.methods.registry import register
 
 TUNABLE = ("w", "l", "delta", "aug")
 # Δ = DELTA_MAX·σ(t): the presets' Δ = 1 sits at t = 0, the sigmoid's steepest point.
@@ -154,9 +156,9 @@ class AutoBalance:
         self.epoch = epoch
 
     @property
-    def needs_train_groups(self) -> bool:
-        """Whether training batches must carry group ids (per-cell loss parameters)."""
-        return self.G is not None
+    def needs(self) -> frozenset[str]:
+        """Batch fields beyond (x, y): group ids for per-cell loss parameters."""
+        return frozenset({"groups"}) if self.G is not None else frozenset()
 
     def _check_frozen_cells(self) -> None:
         """Cells from a search must fit this data: the same groups and classes (else indexing
@@ -188,10 +190,13 @@ class AutoBalance:
         per = parametric_cross_entropy(z, y, **kw)
         return per, (c["w"][g, y] if c["w"] is not None else None)
 
-    def training_loss(self, model, x: Tensor, y: Tensor, g: Tensor | None = None) -> Tensor:
+    def training_loss(self, model, batch: Batch) -> Tensor:
         # The weighted mean Σ w ℓ / Σ w, as parametric_cross_entropy's "mean" (the same ops).
-        per, w = self._per_sample(model(x).float(), y, g, self.current)
+        per, w = self._per_sample(model(batch.x).float(), batch.y, batch.groups, self.current)
         return per.mean() if w is None else (w * per).sum() / w.sum()
+
+    def before_step(self, step: int, module, lr: float) -> None:
+        pass
 
     def after_step(self, step: int, model) -> dict:
         if (
@@ -225,6 +230,9 @@ class AutoBalance:
             out["tuned"] = list(self.tune)
             out["alpha_sub"] = {k: v.tolist() for k, v in self.coordinator.alpha_sub.items()}
         return out
+
+    def artifacts(self) -> dict:
+        return {"alpha.json": {"class_counts": list(self.data.class_counts), **self.loss_params()}}
 
     def state_dict(self) -> dict:
         return {} if self.coordinator is None else {"coordinator": self.coordinator.state_dict()}
@@ -399,3 +407,26 @@ class AutoBalance:
             "solver_iterations": info.get("iterations"),
             "negative_curvature": int(bool(info.get("negative_curvature"))),  # 0/1: charted
         }
+
+
+# --- registration -------------------------------------------------------------------------------
+
+SEARCH = Phase("search", subdir="search")
+RETRAIN = Phase("retrain", subdir="retrain", merge_val=True, inputs_from="search")
+
+
+def phases(cfg) -> list[Phase]:
+    """Search (tune the loss on validation), then, with method.retrain, a retrain from scratch
+    on train+val with the found per-class parameters frozen. Without retrain: one phase in the
+    run directory itself."""
+    return [SEARCH, RETRAIN] if cfg.method.retrain else [Phase("search")]
+
+
+def build(ctx: SetupContext) -> AutoBalance:
+    frozen = ctx.inputs.get("alpha.json") if ctx.phase.inputs_from else None
+    return AutoBalance(
+        ctx.cfg, ctx.data, ctx.loss_spec, ctx.augment, ctx.device, frozen=frozen, comm=ctx.comm
+    )
+
+
+SPEC = register(MethodSpec("autobalance", build, phases))

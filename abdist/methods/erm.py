@@ -1,7 +1,8 @@
 """Empirical risk minimisation with a fixed parametric loss (CE, LA, LDAM-DRW, ... presets).
 
-A method is the piece of the training loop that decides how a batch becomes a lower-level loss and
-how its own hyperparameters change between steps. ERM's hyperparameters are fixed by its preset.
+ERM's loss parameters are fixed by its preset; nothing happens between steps. With
+`data.augment_prob` < 1 a uniform share of the training samples is augmented (the control for
+AutoBalance's tuned per-class probability).
 """
 
 from __future__ import annotations
@@ -9,34 +10,55 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from abdist.data.memory import class_aware
 from abdist.losses import ParametricLoss
+from abdist.methods.protocol import Batch, MethodSpec, SetupContext
+from abdist.methods.registry import register
 
 
 class ERM:
     name = "erm"
+    needs = frozenset()
 
-    def __init__(self, loss: ParametricLoss):
+    def __init__(self, loss: ParametricLoss, augment=None, class_counts=()):
         self.loss = loss
+        self.augment = augment
+        self.class_counts = list(class_counts)
+
+    @classmethod
+    def build(cls, ctx: SetupContext) -> ERM:
+        augment = ctx.augment
+        if augment is not None and ctx.cfg.data.augment_prob < 1:
+            p = torch.full((ctx.data.num_classes,), ctx.cfg.data.augment_prob)
+            augment = class_aware(augment, p)
+        return cls(ParametricLoss(ctx.loss_spec).to(ctx.device), augment, ctx.data.class_counts)
+
+    def train_augment(self):
+        return self.augment
 
     def on_epoch_start(self, epoch: int) -> None:
         # Schedules inside the loss (LDAM-DRW's deferred re-weighting) key off the epoch only, so a
         # resumed run that calls this again gets exactly the loss an uninterrupted run had.
         self.loss.set_epoch(epoch)
 
-    def training_loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.loss(model(x).float(), y)  # g (the groups): no per-group loss here
+    def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.loss(model(batch.x).float(), batch.y)
 
-    def after_step(self, step: int, model: nn.Module) -> dict:
-        """Hook for methods that update hyperparameters between steps (AutoBalance). ERM: none."""
+    def before_step(self, step: int, module: nn.Module, lr: float) -> None:
+        pass
+
+    def after_step(self, step: int, module: nn.Module) -> dict:
         return {}
 
-    def loss_params(self) -> dict[str, list[float]]:
-        return self.loss.per_class_params()
+    def artifacts(self) -> dict:
+        # The preset's per-class vectors, so every run's report can plot its loss parameters.
+        return {"alpha.json": {"class_counts": self.class_counts, **self.loss.per_class_params()}}
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+SPEC = register(MethodSpec("erm", ERM.build))

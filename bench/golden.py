@@ -1,0 +1,119 @@
+"""Golden outputs for refactors: record a fixed set of runs, change code, record again, compare.
+
+    python bench/golden.py record DIR          # about 4 minutes on 2 CPU cores
+    python bench/golden.py compare DIR_A DIR_B # byte-identical metrics.json / alpha.json, and
+                                               # log.jsonl less its "seconds"; exit 1 otherwise
+
+The runs: digits-LT CE, LA, LDAM-DRW and AutoBalance (tune=[w,l,delta,aug]); AutoBalance with
+per (group, class) cells on digits shards with two groups; LA streamed from those shards with 2
+loader workers; a 2-rank DDP AutoBalance run under torchrun (gloo). Everything is seeded and runs
+on this machine's kernels, so compare only records made on the same machine. Prints one final
+JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = REPO / "configs" / "digits_lt"
+QUIET = ["tracking.progress=never", "train.threads=1"]
+SHORT = ["train.epochs=4", "method.warmup_epochs=1"]
+
+
+def _runs(shards: Path) -> dict[str, list[str]]:
+    on_shards = ["data.source=shards", f"data.root={shards}"]
+    return {
+        "ce": [str(CFG / "ce.yaml")],
+        "la": [str(CFG / "la.yaml")],
+        "ldam_drw": [str(CFG / "ce.yaml"), "loss.name=ldam_drw", "loss.drw_epoch=2",
+                     "model.head=cosine"],
+        "autobalance": [str(CFG / "autobalance.yaml"), *SHORT, "method.tune=[w,l,delta,aug]",
+                        "data.augment_pad=1"],
+        "per_group": [str(CFG / "autobalance.yaml"), *SHORT, *on_shards, "method.per_group=true",
+                      "method.tune=[w,l]", "method.objective=equal_opportunity_gap",
+                      "train.positive_class=3"],
+        "streamed": [str(CFG / "la.yaml"), "train.epochs=3", *on_shards, "data.in_memory=false",
+                     "data.workers=2"],
+    }  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _check(r: subprocess.CompletedProcess, name: str) -> None:
+    if r.returncode != 0:
+        sys.exit(f"golden: {name} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+
+
+def record(out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    shards = out / "shards"
+    if not shards.is_dir():
+        csv = out / "groups.csv"
+        csv.write_text("".join(f"{i},{'ab'[i % 2]}\n" for i in range(1797)))  # sklearn's digits
+        cmd = [sys.executable, "-m", "abdist", "prepare", "digits", str(shards),
+               "--imbalance-ratio", "10", "--groups", str(csv), "--shard-size", "200"]  # fmt: skip
+        _check(subprocess.run(cmd, env=_env(), capture_output=True, text=True), "prepare")
+    seconds = {}
+    for name, args in _runs(shards).items():
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "abdist", "train", args[0], "--out", str(out / name),
+               *args[1:], *QUIET]  # fmt: skip
+        _check(subprocess.run(cmd, env=_env(), capture_output=True, text=True), name)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "abdist", "train", str(CFG / "autobalance.yaml"), "--out", str(out / "ddp"),
+           *SHORT, "dist.backend=ddp", "train.batch_size=32", *QUIET]  # fmt: skip
+    _check(subprocess.run(cmd, env=_env(), capture_output=True, text=True), "ddp")
+    seconds["ddp"] = round(time.perf_counter() - t0, 1)
+    return {"recorded": str(out), "seconds": seconds}
+
+
+def _outputs(run: Path) -> dict[str, bytes]:
+    files = {}
+    for p in sorted(run.rglob("*")):
+        rel = str(p.relative_to(run))
+        if p.name in ("metrics.json", "alpha.json"):
+            files[rel] = p.read_bytes()
+        elif p.name == "log.jsonl":  # wall time is the one field that may differ
+            files[rel] = re.sub(rb'"seconds": [0-9.e+-]+', b'"seconds": _', p.read_bytes())
+    return files
+
+
+def compare(a: Path, b: Path) -> dict:
+    names = sorted(p.name for p in a.iterdir() if p.is_dir() and p.name != "shards")
+    differ, compared = [], 0
+    for name in names:
+        fa, fb = _outputs(a / name), _outputs(b / name)
+        if fa.keys() != fb.keys():
+            differ.append(f"{name}: files {sorted(fa.keys() ^ fb.keys())}")
+        for rel in sorted(fa.keys() & fb.keys()):
+            compared += 1
+            if fa[rel] != fb[rel]:
+                differ.append(f"{name}/{rel}")
+    return {"compared_files": compared, "runs": names, "differ": differ, "identical": not differ}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "record":
+        result = record(Path(argv[1]))
+    elif len(argv) == 3 and argv[0] == "compare":
+        result = compare(Path(argv[1]), Path(argv[2]))
+    else:
+        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0 if result.get("identical", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
