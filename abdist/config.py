@@ -94,6 +94,13 @@ class LossConfig:
 @dataclass
 class MethodConfig:
     name: str = _opt("erm", help="training method: a registered one (built in: erm, autobalance)")
+
+
+@dataclass
+class AutoBalanceConfig:
+    """`autobalance.*` (method.name=autobalance). Until 0.1 these keys sat in `method.*`;
+    those names still load (ALIASES), so older config files and run directories resume."""
+
     # AutoBalance: the loss preset in `loss` is the initialisation (ce: neutral, la: l = tau*log pi,
     # cdt: delta ~ (n/n_max)^gamma, vs: both); these keys say what is tuned and how.
     tune: list = _opt(["l", "delta"], help="subset of w, l, delta, aug")
@@ -235,6 +242,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    autobalance: AutoBalanceConfig = field(default_factory=AutoBalanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -248,6 +256,12 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+# Old key -> its name now. Every config file and run directory (config.yaml) written before a key
+# moved still loads under its old name; `abdist config` and new run directories use the new one.
+ALIASES = {
+    f"method.{f.name}": f"autobalance.{f.name}" for f in dataclasses.fields(AutoBalanceConfig)
+}
 
 
 def all_keys() -> list[str]:
@@ -302,6 +316,13 @@ def explain_yaml(cfg: Config) -> str:
 def _suggest(key: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _suggest_key(dotted: str) -> str:
+    """The closest valid key, old names included (a near-miss of `method.tune` suggests its new
+    name, `autobalance.tune`)."""
+    close = difflib.get_close_matches(dotted, [*all_keys(), *ALIASES], n=1, cutoff=0.5)
+    return f" (did you mean '{ALIASES.get(close[0], close[0])}'?)" if close else ""
 
 
 def _field_type(section_obj, name: str):
@@ -361,20 +382,22 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> None:
 
 
 def set_key(cfg: Config, dotted: str, value: Any, where: str = "override") -> None:
-    """Set `section.key` on cfg after validating it (unknown key -> closest-key suggestion)."""
+    """Set `section.key` on cfg after validating it (unknown key -> closest-key suggestion).
+    An old key name (ALIASES) sets its new key; messages keep the name the user wrote."""
+    given, dotted = dotted, ALIASES.get(dotted, dotted)
     parts = dotted.split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise UserError(
-            f"{where}: unknown config key '{dotted}'{_suggest(dotted, all_keys())}; "
+            f"{where}: unknown config key '{given}'{_suggest_key(given)}; "
             "keys look like section.key (see `abdist config`)"
         )
     section, name = parts
     section_obj = getattr(cfg, section)
     names = {f.name: f for f in dataclasses.fields(section_obj)}
     if name not in names:
-        raise UserError(f"{where}: unknown config key '{dotted}'{_suggest(dotted, all_keys())}")
-    value = _coerce(dotted, value, _field_type(section_obj, name), where)
-    _check_range(dotted, value, dict(names[name].metadata), where)
+        raise UserError(f"{where}: unknown config key '{given}'{_suggest_key(given)}")
+    value = _coerce(given, value, _field_type(section_obj, name), where)
+    _check_range(given, value, dict(names[name].metadata), where)
     setattr(section_obj, name, value)
 
 
@@ -450,7 +473,8 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a single key cannot express."""
     from abdist import methods  # imported here: the methods themselves import this module
 
-    methods.get(cfg.method.name)  # a registered method, or one line with a suggestion
+    # A registered method, or one line with a suggestion; then its own cross-key checks.
+    methods.get(cfg.method.name).validate(cfg)
     if cfg.data.val >= 1 and cfg.data.val != int(cfg.data.val):
         raise UserError(
             f"'data.val' is a fraction (<1) or a whole count per class; got {cfg.data.val}"
@@ -472,34 +496,6 @@ def validate(cfg: Config) -> None:
         raise UserError("'data.root' must name a shard directory when data.source=shards")
     if cfg.train.merge_val and cfg.train.select == "best_val":
         raise UserError("'train.select=best_val' needs a validation split; unset train.merge_val")
-    bad = [t for t in cfg.method.tune if t not in ("w", "l", "delta", "aug")]
-    if bad or not cfg.method.tune:
-        raise UserError(
-            f"'method.tune' must be a non-empty subset of [w, l, delta, aug]; got {cfg.method.tune}"
-        )
-    if cfg.method.name == "autobalance" and "aug" in cfg.method.tune and cfg.data.augment_prob < 1:
-        raise UserError(
-            "'data.augment_prob' and method.tune=[.., aug] both set the augmentation probability; "
-            "drop data.augment_prob and set the starting value with 'method.aug_init'"
-        )
-    if cfg.loss.name == "focal" and cfg.loss.gamma > 0 and cfg.method.curvature == "gauss_newton":
-        raise UserError(
-            "'method.curvature=gauss_newton' needs a loss convex in the logits; the focal term "
-            "(loss.gamma > 0) is not, so its Gauss-Newton matrix can be indefinite: use auto "
-            "or hessian"
-        )
-    if cfg.method.name == "autobalance" and cfg.method.per_group and "aug" in cfg.method.tune:
-        raise UserError(
-            "'method.per_group=true' tunes w, l, delta per (group, class) cell; the augmentation "
-            "probability stays per class and cannot be tuned with it (drop aug from method.tune)"
-        )
-    if cfg.method.name == "autobalance" and cfg.method.warmup_epochs >= cfg.train.epochs:
-        raise UserError(
-            f"'method.warmup_epochs' ({cfg.method.warmup_epochs}) leaves no search epochs within "
-            f"'train.epochs' ({cfg.train.epochs}): set method.warmup_epochs="
-            f"{max(0, cfg.train.epochs - 1)} (or less), or train.epochs="
-            f"{cfg.method.warmup_epochs + 1} (or more)"
-        )
     if cfg.dist.zero_stage and cfg.dist.backend != "deepspeed":
         raise UserError(
             f"'dist.zero_stage={cfg.dist.zero_stage}' needs 'dist.backend=deepspeed' "

@@ -105,7 +105,7 @@ def main() -> None:
                 *args.extra,
             ]
             if m == "autobalance":
-                over.append(f"method.warmup_epochs={max(0, min(epochs - 1, epochs // 4))}")
+                over.append(f"autobalance.warmup_epochs={max(0, min(epochs - 1, epochs // 4))}")
             t0 = time.perf_counter()
             abdist("train", REPO / "configs/cifar10_lt" / f"{m}.yaml", "--out", out, *over)
             wall[f"{m}_s{seed}"] = round(time.perf_counter() - t0, 1)

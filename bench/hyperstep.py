@@ -18,7 +18,7 @@ Timed (warm-up round first, medians over rounds, the variants interleaved within
   `hyper_step`, at scope head / full with the solver settings printed at start-up.
 
 A search-phase iteration costs ``search_step + hyper / k`` (one hyper step every k =
-``method.hyper_interval`` steps); ``ratio_<scope>`` divides that by ``plain_ce``. Batches are
+``autobalance.hyper_interval`` steps); ``ratio_<scope>`` divides that by ``plain_ce``. Batches are
 drawn from the in-memory split before timing (no augmentation in any variant: the loader is
 benchmarked separately). The model is trained by the timed steps themselves, so the hyper steps
 see a (lightly) trained network, not the initialisation.
@@ -121,9 +121,9 @@ def make_config(args, scope: str):
             "model.name=resnet32",
             "loss.name=la",
             "method.name=autobalance",
-            f"method.scope={scope}",
-            f"method.hyper_interval={args.interval}",
-            "method.warmup_epochs=0",
+            f"autobalance.scope={scope}",
+            f"autobalance.hyper_interval={args.interval}",
+            "autobalance.warmup_epochs=0",
             f"train.batch_size={args.batch_size}",
             f"train.threads={args.threads}",
             "train.device=cpu" if args.device == "cpu" else "train.device=auto",
@@ -177,7 +177,7 @@ class Bench:
         spec = build_loss_spec("la", counts, tau=cfg.loss.tau)
         self.methods = {s: AutoBalance(c, data, spec, None, device) for s, c in self.cfgs.items()}
         for m in self.methods.values():
-            m.on_epoch_start(cfg.method.warmup_epochs)  # the search phase: hyper steps are on
+            m.on_epoch_start(cfg.autobalance.warmup_epochs)  # the search phase: hyper steps are on
         self.spy = HypergradSpy(device)
         ab_module.hypergradient = self.spy  # AutoBalance looks the name up at call time
         gen = torch.Generator().manual_seed(1)
@@ -195,16 +195,16 @@ class Bench:
             "model": cfg.model.name,
             "batch_size": cfg.train.batch_size,
             "optim": "sgd lr 0.05 momentum 0.9 wd 5e-4",
-            "interval_k": cfg.method.hyper_interval,
+            "interval_k": cfg.autobalance.hyper_interval,
             "threads": torch.get_num_threads(),
             "device": str(self.device),
             "train_size": len(self.data.train),
             "val_size": len(self.data.val),
             "counts": self.data.class_counts,
             "loss_init": "la",
-            "tune": list(cfg.method.tune),
-            "objective": cfg.method.objective,
-            "upper": f"{cfg.method.upper_optim} lr {cfg.method.upper_lr}",
+            "tune": list(cfg.autobalance.tune),
+            "objective": cfg.autobalance.objective,
+            "upper": f"{cfg.autobalance.upper_optim} lr {cfg.autobalance.upper_lr}",
         }
         for s, c in self.cfgs.items():
             m = c.method
@@ -231,7 +231,7 @@ class Bench:
         return time.perf_counter() - t0
 
     def hyper(self, scope: str) -> dict:
-        k = self.cfg.method.hyper_interval
+        k = self.cfg.autobalance.hyper_interval
         self.hyper_calls += 1
         step = k * self.hyper_calls - 1  # a step at which after_step fires
         sync(self.device)
@@ -554,7 +554,7 @@ def main() -> None:
             # the mixed term.
             # (Only a question for the true Hessian: Gauss-Newton is PSD, so CG always completes.)
             if bench.spy.last_call[-1].get("curvature") == "hessian":
-                full_iters = bench.cfgs["full"].method.solver_iterations
+                full_iters = bench.cfgs["full"].autobalance.solver_iterations
                 worst = (
                     bd["val_grad_ms"]
                     + bd["build_grad_graph_ms"]

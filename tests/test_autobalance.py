@@ -64,11 +64,11 @@ def _ab_config(*extra):
         None,
         [
             "method.name=autobalance",
-            "method.hypergrad=exact",
-            "method.warmup_epochs=0",
-            "method.hyper_interval=1",
-            "method.hyper_batches=1",
-            "method.clip=0",
+            "autobalance.hypergrad=exact",
+            "autobalance.warmup_epochs=0",
+            "autobalance.hyper_interval=1",
+            "autobalance.hyper_batches=1",
+            "autobalance.clip=0",
             "train.batch_size=100000",  # one batch = the whole split: the true bilevel objective
             "optim.weight_decay=0.01",
             *extra,
@@ -80,8 +80,8 @@ def _ab_config(*extra):
 def test_search_lowers_the_validation_objective():
     counts = [200, 80, 30, 12, 5]
     data = _gaussian_lt(counts, 40)
-    cfg = _ab_config("method.tune=[l,delta]", "method.upper_optim=sgd", "method.upper_lr=0.5",
-                     "method.upper_momentum=0")  # fmt: skip
+    cfg = _ab_config("autobalance.tune=[l,delta]", "autobalance.upper_optim=sgd",
+                     "autobalance.upper_lr=0.5", "autobalance.upper_momentum=0")  # fmt: skip
     spec = build_loss_spec("ce", counts)
     model = _linear_model(4, len(counts))
     ab = AutoBalance(cfg, data, spec, None, torch.device("cpu"))
@@ -112,7 +112,7 @@ def test_expected_train_loss_equals_the_average_over_augmentation_masks():
     C, B = 3, 4
     counts = [10, 5, 2]
     data = _gaussian_lt(counts, 2)
-    cfg = _ab_config("method.tune=[aug,l,w]")
+    cfg = _ab_config("autobalance.tune=[aug,l,w]")
     ab = AutoBalance(cfg, data, build_loss_spec("ce", counts), lambda x, g, y: x, "cpu")
     with torch.no_grad():
         for v in ab.coordinator.alpha_sub.values():
@@ -151,9 +151,9 @@ def test_hyper_step_never_touches_batchnorm_or_model_weights(scope, solver):
     from abdist.data.digits import load_digits_lt
 
     data = load_digits_lt(imbalance_ratio=10, seed=0)
-    cfg = load_config(None, ["method.name=autobalance", f"method.scope={scope}",
-                             f"method.hypergrad={solver}", "method.solver_iterations=3",
-                             "method.damping=0.1", "method.tune=[l,delta,w]",
+    cfg = load_config(None, ["method.name=autobalance", f"autobalance.scope={scope}",
+                             f"autobalance.hypergrad={solver}", "autobalance.solver_iterations=3",
+                             "autobalance.damping=0.1", "autobalance.tune=[l,delta,w]",
                              "train.batch_size=32"])  # fmt: skip
     model = create_model("small_cnn", 10, in_channels=1, image_size=8)
     model.train()
@@ -185,9 +185,10 @@ def test_full_scope_solves_with_gauss_newton_where_the_hessian_stops_cg():
     data = load_digits_lt(imbalance_ratio=10, seed=0)
     stats = {}
     for curvature in ("hessian", "auto"):
-        over = ["method.name=autobalance", "method.scope=full", "method.hypergrad=cg",
-                "method.solver_iterations=10", "method.damping=0.1", "method.tune=[l,delta,w]",
-                "train.batch_size=32", f"method.curvature={curvature}"]  # fmt: skip
+        over = ["method.name=autobalance", "autobalance.scope=full", "autobalance.hypergrad=cg",
+                "autobalance.solver_iterations=10", "autobalance.damping=0.1",
+                "autobalance.tune=[l,delta,w]",
+                "train.batch_size=32", f"autobalance.curvature={curvature}"]  # fmt: skip
         cfg = load_config(None, over)
         torch.manual_seed(0)
         model = create_model("small_cnn", 10, in_channels=1, image_size=8)
@@ -212,8 +213,8 @@ def test_la_init_is_exact_and_buckets_share_parameters():
 
     data = load_digits_lt(imbalance_ratio=10, seed=0)
     spec = build_loss_spec("la", data.class_counts)
-    cfg = load_config(None, ["method.name=autobalance", "method.dictionary=buckets",
-                             "method.dictionary_size=3"])  # fmt: skip
+    cfg = load_config(None, ["method.name=autobalance", "autobalance.dictionary=buckets",
+                             "autobalance.dictionary_size=3"])  # fmt: skip
     ab = AutoBalance(cfg, data, spec, None, "cpu")
     params = ab.loss_params()
     assert params["delta"] == pytest.approx([1.0] * 10)
@@ -226,7 +227,8 @@ def test_la_init_is_exact_and_buckets_share_parameters():
 
 def test_search_then_retrain_uses_the_searched_parameters(tmp_path):
     cfg = load_config(REPO / "configs/digits_lt/autobalance.yaml",
-                      [*FAST, "method.warmup_epochs=1", "method.tune=[l,delta,aug]"])  # fmt: skip
+                      [*FAST, "autobalance.warmup_epochs=1",
+                       "autobalance.tune=[l,delta,aug]"])  # fmt: skip
     m = run(cfg, tmp_path)
     searched = json.loads((tmp_path / "search" / "alpha.json").read_text())
     assert json.loads((tmp_path / "alpha.json").read_text()) == searched
@@ -259,9 +261,10 @@ def test_per_group_cells_tiled_from_class_vectors_reproduce_the_class_level_step
     # groups is the class hypergradient: with plain SGD on alpha_sub, the groups' updates of a
     # class add up to the class-level update. Exact solver, per-class dictionary.
     data = _with_groups(_gaussian_lt([40, 20, 10, 5], n_val_per_class=12))
-    over = ["method.name=autobalance", "method.tune=[w,l,delta]", "method.hypergrad=exact",
-            "method.upper_optim=sgd", "method.upper_momentum=0", "method.clip=0",
-            "method.upper_lr=1.0", "method.hyper_batches=2", "train.batch_size=32",
+    over = ["method.name=autobalance", "autobalance.tune=[w,l,delta]",
+            "autobalance.hypergrad=exact",
+            "autobalance.upper_optim=sgd", "autobalance.upper_momentum=0", "autobalance.clip=0",
+            "autobalance.upper_lr=1.0", "autobalance.hyper_batches=2", "train.batch_size=32",
             "optim.weight_decay=0.01"]  # fmt: skip
     torch.manual_seed(0)
     model = _linear_model(4, 4)
@@ -269,7 +272,7 @@ def test_per_group_cells_tiled_from_class_vectors_reproduce_the_class_level_step
     x, y, g = data.train.images, data.train.labels, data.train.groups
     moves, losses = {}, {}
     for per_group in (False, True):
-        cfg = load_config(None, [*over, f"method.per_group={str(per_group).lower()}"])
+        cfg = load_config(None, [*over, f"autobalance.per_group={str(per_group).lower()}"])
         ab = AutoBalance(cfg, data, spec, None, "cpu")
         assert ab.needs == (frozenset({"groups"}) if per_group else frozenset())
         assert ab.current["l"].shape == ((2, 4) if per_group else (4,))
@@ -287,7 +290,7 @@ def test_per_group_cells_tiled_from_class_vectors_reproduce_the_class_level_step
     # ... and the two groups' updates differ (the cells really are separate parameters).
     assert not torch.allclose(moves[True]["l"].view(2, 4)[0], moves[True]["l"].view(2, 4)[1])
     # With distinct rows, sample i is trained under its own group's row: checked sample by sample.
-    cfg = load_config(None, [*over, "method.per_group=true"])
+    cfg = load_config(None, [*over, "autobalance.per_group=true"])
     ab = AutoBalance(cfg, data, spec, None, "cpu")
     gen = torch.Generator().manual_seed(0)
     rows = {k: torch.rand(2, 4, generator=gen) for k in ("l", "delta", "w")}

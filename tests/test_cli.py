@@ -74,10 +74,10 @@ def test_warmup_longer_than_the_run_names_the_key_and_a_value_that_works(tmp_pat
     ab = "configs/digits_lt/autobalance.yaml"
     r = run_cli("train", ab, "train.epochs=2", "--out", tmp_path / "run")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "method.warmup_epochs=1" in r.stderr and "train.epochs=6" in r.stderr
+    assert "autobalance.warmup_epochs=1" in r.stderr and "train.epochs=6" in r.stderr
     assert not (tmp_path / "run").exists()
     # Both suggestions are accepted.
-    for fix in ("method.warmup_epochs=1", "train.epochs=6"):
+    for fix in ("autobalance.warmup_epochs=1", "train.epochs=6"):
         epochs = "train.epochs=2" if fix.startswith("method") else fix
         r = run_cli("config", ab, epochs, fix)
         assert r.returncode == 0, r.stderr

@@ -10,7 +10,7 @@ def test_defaults_round_trip_through_yaml():
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert set(cfg.to_dict()) == {
-        "data", "model", "loss", "method", "optim", "train", "dist", "tracking"
+        "data", "model", "loss", "method", "autobalance", "optim", "train", "dist", "tracking"
     }  # fmt: skip
 
 
@@ -82,12 +82,16 @@ def test_cross_field_checks():
     with pytest.raises(UserError, match="data.val"):
         load_config(None, ["data.val=2.5"])
     with pytest.raises(UserError, match="convex in the logits"):
-        load_config(None, ["loss.name=focal", "loss.gamma=2", "method.curvature=gauss_newton"])
+        load_config(
+            None,
+            ["method.name=autobalance", "loss.name=focal", "loss.gamma=2",
+             "autobalance.curvature=gauss_newton"],
+        )  # fmt: skip
     with pytest.raises(UserError, match="always in memory"):
         load_config(None, ["data.in_memory=false"])
-    with pytest.raises(UserError, match="method.aug_init"):
+    with pytest.raises(UserError, match="autobalance.aug_init"):
         load_config(
-            None, ["method.name=autobalance", "method.tune=[l,aug]", "data.augment_prob=0.5"]
+            None, ["method.name=autobalance", "autobalance.tune=[l,aug]", "data.augment_prob=0.5"]
         )
 
 

@@ -7,10 +7,11 @@ the alpha trajectory, kills a rank, or gives rank 1 another config.
 The shared setup (EQ) makes 2 ranks × B/2 comparable with 1 rank × B:
 - dist.sync_bn=true: BatchNorm statistics over the global batch (per-rank batch statistics of
   B/2 samples would legitimately differ from those of B);
-- method.objective=blend with blend_beta=1: plain validation cross-entropy, a mean over samples,
-  so the mean of the ranks' hypergradients on their validation slices IS the 1-rank hypergradient
-  (per-class averages such as balanced_ce are not linear in the sample split: see README);
-- method.hypergrad=exact: CG stopped after a fixed number of iterations on this ill-conditioned
+- autobalance.objective=blend with blend_beta=1: plain validation cross-entropy, a mean over
+  samples, so the mean of the ranks' hypergradients on their validation slices IS the 1-rank
+  hypergradient (per-class averages such as balanced_ce are not linear in the sample split: see
+  README);
+- autobalance.hypergrad=exact: CG stopped after a fixed number of iterations on this ill-conditioned
   head Hessian amplifies float rounding into visible alpha differences within a few hyper steps.
 """
 
@@ -37,14 +38,14 @@ HELPER = REPO / "tests" / "dist_helper.py"
 CONFIG = REPO / "configs" / "digits_lt" / "autobalance.yaml"
 EQ = [
     "train.epochs=3",
-    "method.warmup_epochs=1",
+    "autobalance.warmup_epochs=1",
     "train.batch_size=16",
     "train.threads=1",
     "tracking.progress=never",
-    "method.tune=[l,delta]",
-    "method.objective=blend",
-    "method.blend_beta=1.0",
-    "method.hypergrad=exact",
+    "autobalance.tune=[l,delta]",
+    "autobalance.objective=blend",
+    "autobalance.blend_beta=1.0",
+    "autobalance.hypergrad=exact",
 ]
 DDP = ["dist.backend=ddp", "dist.sync_bn=true"]
 K = 2 * 10  # tuned vectors (l, delta) x per-class dictionary over the 10 digit classes
@@ -304,7 +305,11 @@ def _worst_gap(traj, alphas):
 # A hyper step after every optimiser step, from the first: the first hyper step starts from the
 # seeded initialisation plus exactly one lower step. SGD for the upper step: alpha then moves in
 # proportion to the hypergradient (Adam's first step is lr * sign(g) and would hide a wrong one).
-ONE_STEP = ["method.warmup_epochs=0", "method.hyper_interval=1", "method.upper_optim=sgd"]
+ONE_STEP = [
+    "autobalance.warmup_epochs=0",
+    "autobalance.hyper_interval=1",
+    "autobalance.upper_optim=sgd",
+]
 # Measured worst gaps, 2 ranks vs 1 rank, under every setting of `make test-portable` (native
 # AVX-512, ATEN_CPU_CAPABILITY=default|avx2, ONEDNN_MAX_CPU_ISA=AVX2, OMP_NUM_THREADS=1|2) on an
 # AMD EPYC: parameters after the lower step 6.0e-8 (one float32 ulp of the largest weight), the
@@ -354,7 +359,9 @@ def _first_hyper_step_on_two_ranks(tmp_path, *extra, env=None):
         # balanced_ce is a mean of per-class means: per-rank validation slices only estimate it
         # (measured with dist.hyper_shard=val: alpha 0.32 away from the 1-rank run after a whole
         # search). =none gives every rank the whole batches, so it is exact again.
-        pytest.param(["method.objective=balanced_ce", "dist.hyper_shard=none"], id="unsharded"),
+        pytest.param(
+            ["autobalance.objective=balanced_ce", "dist.hyper_shard=none"], id="unsharded"
+        ),
     ],
 )
 def test_one_lower_and_one_hyper_step_on_two_ranks_equal_one_rank(tmp_path, monkeypatch, extra):

@@ -94,7 +94,7 @@ def test_best_val_run_loads_best_weights(tmp_path, ce_run):
 
 
 def test_autobalance_run_dir_loads_the_retrain_weights(tmp_path):
-    out = _train(AB, tmp_path / "ab", "train.epochs=2", "method.warmup_epochs=1")
+    out = _train(AB, tmp_path / "ab", "train.epochs=2", "autobalance.warmup_epochs=1")
     model = _digits_model()
     record = load_init_weights(model, out)
     path = out / "retrain" / "checkpoints" / "epoch-000001.pt"

@@ -46,8 +46,9 @@ def test_group_shards_tune_autobalance_for_equal_opportunity_and_report_group_me
     csv.write_text("".join(f"{i},{'ab'[i % 2]}\n" for i in range(1797)))  # sklearn's digits
     shards = tmp_path / "shards"
     prepare("digits", shards, PrepareOptions(imbalance_ratio=10.0, seed=0, groups=str(csv)))
-    over = [*FAST, "data.source=shards", f"data.root={shards}", "method.warmup_epochs=1",
-            "method.objective=equal_opportunity_gap", "method.tune=[w,l]", "method.retrain=false",
+    over = [*FAST, "data.source=shards", f"data.root={shards}", "autobalance.warmup_epochs=1",
+            "autobalance.objective=equal_opportunity_gap", "autobalance.tune=[w,l]",
+            "autobalance.retrain=false",
             "train.positive_class=3"]  # fmt: skip
     cfg = load_config(REPO / "configs/digits_lt/autobalance.yaml", over)
     data = build_data(cfg.data)
@@ -76,7 +77,7 @@ def test_group_shards_tune_autobalance_for_equal_opportunity_and_report_group_me
     assert (torch.tensor(alpha["l"], dtype=torch.float64) - la).abs().max() > 1e-3
 
     # Per-(group, class) cells: searched, written to alpha.json, frozen into the retrain.
-    cell_over = [*over[:-1], "method.per_group=true", "method.retrain=true"]
+    cell_over = [*over[:-1], "autobalance.per_group=true", "autobalance.retrain=true"]
     cells_cfg = load_config(REPO / "configs/digits_lt/autobalance.yaml", cell_over)
     run(cells_cfg, tmp_path / "cells")
     alpha = json.loads((tmp_path / "cells/alpha.json").read_text())

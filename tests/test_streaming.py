@@ -47,8 +47,10 @@ def test_streamed_data_has_the_in_memory_metadata(shards):
 def test_group_features_on_shards_without_groups_are_one_line_errors(shards, tmp_path):
     with pytest.raises(UserError, match="without --groups"):
         next(build_data(_cfg("la", shards).data).train.batches(32, shuffle=True, with_groups=True))
-    for extra in ("method.per_group=true", "method.objective=equal_opportunity_gap"):
-        cfg = _cfg("autobalance", shards, "method.tune=[w,l]", "method.warmup_epochs=1", extra)
+    for extra in ("autobalance.per_group=true", "autobalance.objective=equal_opportunity_gap"):
+        cfg = _cfg(
+            "autobalance", shards, "autobalance.tune=[w,l]", "autobalance.warmup_epochs=1", extra
+        )
         with pytest.raises(UserError, match="--groups"):
             run(cfg, tmp_path / extra)
 
@@ -76,8 +78,8 @@ def test_streamed_groups_evaluate_like_memory_and_drive_per_group_autobalance(tm
     conf = evaluate(model, streamed.test, **kw)
     assert conf.shape == (2, 10, 10) and torch.equal(conf, evaluate(model, memory.test, **kw))
 
-    over = ["method.tune=[w,l]", "method.warmup_epochs=1", "method.per_group=true",
-            "method.objective=equal_opportunity_gap"]  # fmt: skip
+    over = ["autobalance.tune=[w,l]", "autobalance.warmup_epochs=1", "autobalance.per_group=true",
+            "autobalance.objective=equal_opportunity_gap"]  # fmt: skip
     m = run(_cfg("autobalance", root, *over), tmp_path / "run")
     assert m["groups"]["group_size"] and 0 <= m["equal_opportunity_gap"] <= 1
     cells = json.loads((tmp_path / "run/alpha.json").read_text())["cells"]
@@ -89,7 +91,7 @@ def test_streamed_groups_evaluate_like_memory_and_drive_per_group_autobalance(tm
 def test_streamed_autobalance_trains_deterministically_and_resumes_exactly(
     shards, tmp_path, capsys
 ):
-    cfg = _cfg("autobalance", shards, "method.warmup_epochs=1", "method.hyper_interval=5")
+    cfg = _cfg("autobalance", shards, "autobalance.warmup_epochs=1", "autobalance.hyper_interval=5")
     m = run(cfg, tmp_path / "a")
     conf = m["confusion_matrix"]
     assert sum(map(sum, conf)) == len(build_data(cfg.data).test)  # every test sample once

@@ -77,7 +77,7 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, ce_co
         # search (hyper steps from epoch 2) then retrain: the kill lands in the search phase
         (
             "autobalance.yaml",
-            ["train.epochs=6", "method.warmup_epochs=1", "method.tune=[l,delta,w,aug]"],
+            ["train.epochs=6", "autobalance.warmup_epochs=1", "autobalance.tune=[l,delta,w,aug]"],
             6,
         ),  # fmt: skip
     ],

@@ -6,10 +6,10 @@ one phase without a subdirectory trains in the run directory itself; several eac
 final phase's metrics (plus the earlier phases' headline figures) and what the run found.
 
 ERM is one phase. AutoBalance is a search (loss parameters tuned on validation data, in
-<run>/search) followed, when `method.retrain` is on, by a retrain from scratch on train+val with
-the found per-class parameters frozen (<run>/retrain) -- the same D_pi-expanded vectors, so search
-and retrain cannot disagree on the loss. The run directory's metrics.json and alpha.json are the
-final phase's metrics and the searched parameters.
+<run>/search) followed, when `autobalance.retrain` is on, by a retrain from scratch on
+train+val with the found per-class parameters frozen (<run>/retrain) -- the same D_pi-expanded
+vectors, so search and retrain cannot disagree on the loss. The run directory's metrics.json
+and alpha.json are the final phase's metrics and the searched parameters.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Lower level (every step): train θ with the parametric loss
     ℓ = w_y · CE(s·(Δ ⊙ f_θ(x) + l − m_y e_y), y),  mean = Σ w_y ℓ / Σ w_y.
-Upper level (every `method.hyper_interval` steps after `method.warmup_epochs`): one step of the
-upper optimiser on α_sub along the implicit-function-theorem hypergradient of the validation
+Upper level (every `autobalance.hyper_interval` steps after `autobalance.warmup_epochs`): one step
+of the upper optimiser on α_sub along the implicit-function-theorem hypergradient of the validation
 objective (abdist.bilevel.hypergrad), where the per-class vectors are
     l = D·a_l,   Δ = 2·σ(D·a_Δ),   w = exp(D·a_w),   p_aug = σ(D·a_aug),
 D = D_π the frequency dictionary (C × K), the same matrix in search and retrain.
@@ -75,7 +75,7 @@ class AutoBalance:
         own slice of the validation batches, and one all-reduce + one broadcast of the K subspace
         numbers per hyper step make every rank agree, whatever the model size.
         """
-        self.cfg, self.m, self.data, self.spec = cfg, cfg.method, data, spec
+        self.cfg, self.m, self.data, self.spec = cfg, cfg.autobalance, data, spec
         self.base_augment, self.device = base_augment, device
         self.rank, self.world_size = (comm.rank, comm.world_size) if comm else (0, 1)
         collectives = {"reduce": comm.reduce_mean, "broadcast": comm.broadcast} if comm else {}
@@ -103,8 +103,8 @@ class AutoBalance:
                 cells = data.cell_counts()
                 if cells is None:
                     raise UserError(
-                        "method.per_group=true needs group ids on the training split (shards "
-                        "prepared with --groups); or set method.per_group=false"
+                        "autobalance.per_group=true needs group ids on the training split (shards "
+                        "prepared with --groups); or set autobalance.per_group=false"
                     )
                 # The dictionary works on the flattened cell counts like on class counts.
                 self.G, counts = len(cells), [n for row in cells for n in row]
@@ -249,7 +249,7 @@ class AutoBalance:
         if name == "equal_opportunity_gap":
             if self.data.num_groups is None:
                 raise UserError(
-                    "method.objective=equal_opportunity_gap needs group ids (shards prepared "
+                    "autobalance.objective=equal_opportunity_gap needs group ids (shards prepared "
                     "with --groups), or pick balanced_ce / worst_class / blend"
                 )
             kw.update(
@@ -416,10 +416,45 @@ RETRAIN = Phase("retrain", subdir="retrain", merge_val=True, inputs_from="search
 
 
 def phases(cfg) -> list[Phase]:
-    """Search (tune the loss on validation), then, with method.retrain, a retrain from scratch
-    on train+val with the found per-class parameters frozen. Without retrain: one phase in the
-    run directory itself."""
-    return [SEARCH, RETRAIN] if cfg.method.retrain else [Phase("search")]
+    """Search (tune the loss on validation), then, with autobalance.retrain, a retrain from
+    scratch on train+val with the found per-class parameters frozen. Without retrain: one phase
+    in the run directory itself."""
+    return [SEARCH, RETRAIN] if cfg.autobalance.retrain else [Phase("search")]
+
+
+def validate(cfg) -> None:
+    """Checks across `autobalance.*` and other sections (each key alone is checked by config)."""
+    ab = cfg.autobalance
+    bad = [t for t in ab.tune if t not in ("w", "l", "delta", "aug")]
+    if bad or not ab.tune:
+        raise UserError(
+            f"'autobalance.tune' must be a non-empty subset of [w, l, delta, aug]; got {ab.tune}"
+        )
+    if "aug" in ab.tune and cfg.data.augment_prob < 1:
+        raise UserError(
+            "'data.augment_prob' and autobalance.tune=[.., aug] both set the augmentation "
+            "probability; drop data.augment_prob and set the starting value with "
+            "'autobalance.aug_init'"
+        )
+    if cfg.loss.name == "focal" and cfg.loss.gamma > 0 and ab.curvature == "gauss_newton":
+        raise UserError(
+            "'autobalance.curvature=gauss_newton' needs a loss convex in the logits; the focal "
+            "term (loss.gamma > 0) is not, so its Gauss-Newton matrix can be indefinite: use auto "
+            "or hessian"
+        )
+    if ab.per_group and "aug" in ab.tune:
+        raise UserError(
+            "'autobalance.per_group=true' tunes w, l, delta per (group, class) cell; the "
+            "augmentation probability stays per class and cannot be tuned with it (drop aug "
+            "from autobalance.tune)"
+        )
+    if ab.warmup_epochs >= cfg.train.epochs:
+        raise UserError(
+            f"'autobalance.warmup_epochs' ({ab.warmup_epochs}) leaves no search epochs within "
+            f"'train.epochs' ({cfg.train.epochs}): set autobalance.warmup_epochs="
+            f"{max(0, cfg.train.epochs - 1)} (or less), or train.epochs="
+            f"{ab.warmup_epochs + 1} (or more)"
+        )
 
 
 def build(ctx: SetupContext) -> AutoBalance:
@@ -429,4 +464,4 @@ def build(ctx: SetupContext) -> AutoBalance:
     )
 
 
-SPEC = register(MethodSpec("autobalance", build, phases))
+SPEC = register(MethodSpec("autobalance", build, phases, validate))

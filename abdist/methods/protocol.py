@@ -107,8 +107,11 @@ class Method(Protocol):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its name, how to build it, and the phases a config gives it."""
+    """A registered method: its name, how to build it, the phases a config gives it, and its
+    cross-key config checks (`validate(cfg)` raises a one-line UserError; run by load_config
+    when the config selects this method)."""
 
     name: str
     build: Callable[[SetupContext], Method]
     phases: Callable[[Any], list[Phase]] = lambda cfg: [Phase("train")]
+    validate: Callable[[Any], None] = lambda cfg: None
