@@ -313,7 +313,7 @@ def explain_yaml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _suggest(key: str, candidates: list[str]) -> str:
+def suggest(key: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -369,7 +369,7 @@ def _coerce(key: str, value: Any, typ, where: str) -> Any:
 def _check_range(key: str, value: Any, meta: dict, where: str) -> None:
     choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
     if choices is not None and value not in choices:
-        hint = _suggest(str(value), list(choices))
+        hint = suggest(str(value), list(choices))
         raise UserError(
             f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}{hint}"
         )
@@ -410,7 +410,7 @@ def _apply_mapping(cfg: Config, data: Any, where: str) -> None:
         if section not in SECTIONS:
             raise UserError(
                 f"{where}: unknown config section '{section}'"
-                f"{_suggest(str(section), list(SECTIONS))}; sections: {', '.join(SECTIONS)}"
+                f"{suggest(str(section), list(SECTIONS))}; sections: {', '.join(SECTIONS)}"
             )
         if values is None:
             continue

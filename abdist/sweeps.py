@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from abdist.config import Config, _suggest, all_keys, load_config, set_key
+from abdist.config import Config, all_keys, load_config, set_key, suggest
 from abdist.errors import UserError
 from abdist.metrics import GROUP_SCALAR_METRICS, SCALAR_METRICS
 
@@ -89,7 +89,7 @@ METRICS = (
 
 
 def _closest(word: str, options) -> str:
-    return _suggest(word, list(options))
+    return suggest(word, list(options))
 
 
 # --- the spec -------------------------------------------------------------------------------------
