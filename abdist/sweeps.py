@@ -332,7 +332,7 @@ def trial_config(cfg: Config, overrides: dict[str, Any], where: str = "trial") -
     trial = copy.deepcopy(cfg)
     for key, value in overrides.items():
         set_key(trial, key, value, where=where)
-    from abdist.config import validate
+    from abdist.config_checks import validate
 
     validate(trial)
     return trial

@@ -56,7 +56,7 @@ import abdist.methods.autobalance as ab_module  # noqa: E402
 from abdist.bilevel.hypergrad import OutputLoss  # noqa: E402
 from abdist.config import load_config  # noqa: E402
 from abdist.data.memory import DataBundle, TensorSplit  # noqa: E402
-from abdist.engine.trainer import build_optimizer  # noqa: E402
+from abdist.engine.optim import build_optimizer  # noqa: E402
 from abdist.losses import ParametricLoss, build_loss_spec  # noqa: E402
 from abdist.methods import Batch  # noqa: E402
 from abdist.methods.autobalance import AutoBalance  # noqa: E402

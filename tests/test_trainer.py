@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from abdist.config import load_config
-from abdist.engine.trainer import TrainingDiverged, lr_factor, train
+from abdist.engine.optim import lr_factor
+from abdist.engine.trainer import TrainingDiverged, train
 from tests.conftest import FAST, REPO, run_cli
 
 

@@ -198,3 +198,24 @@ def fit_sub(d: Tensor, alpha_class: Tensor) -> Tensor:
         d.detach().to("cpu", torch.float64), a[:, None] if col else a, driver="gelsd"
     ).solution
     return (sol[:, 0] if col else sol).to(alpha_class.device, alpha_class.dtype)
+
+
+# What AutoBalance can tune, and how each per-class vector is parameterised by D·a.
+TUNABLE = ("w", "l", "delta", "aug")
+# Δ = DELTA_MAX·σ(t): the presets' Δ = 1 sits at t = 0, the sigmoid's steepest point.
+DELTA_MAX = 2.0
+
+
+def class_vectors(d: Tensor, a: dict[str, Tensor], fixed: dict[str, Tensor | None]) -> dict:
+    """Per-class vectors from subspace parameters (the tuned ones) or the fixed preset values:
+    l = D·a, Δ = DELTA_MAX·σ(D·a), w = exp(D·a), aug = σ(D·a)."""
+    out = dict(fixed)
+    if "l" in a:
+        out["l"] = expand(d, a["l"])
+    if "delta" in a:
+        out["delta"] = DELTA_MAX * torch.sigmoid(expand(d, a["delta"]))
+    if "w" in a:
+        out["w"] = torch.exp(expand(d, a["w"]))
+    if "aug" in a:
+        out["aug"] = torch.sigmoid(expand(d, a["aug"]))
+    return out

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from abdist import methods
-from abdist.config import Config, check_positive_class
+from abdist.config import Config
+from abdist.config_checks import check_positive_class
 from abdist.data import build_augment, build_data
 from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
 from abdist.engine.dist import init_dist, sync_batchnorm, wrap
 from abdist.engine.init_from import load_init_weights
+from abdist.engine.optim import build_optimizer, lr_factor
 from abdist.engine.routing import loss_through
 from abdist.engine.rundir import check_out_dir, check_resumable, resume_state
 from abdist.errors import UserError
@@ -52,35 +54,6 @@ class TrainingDiverged(UserError):
     """The loss became NaN/inf; the last good checkpoint is kept. Not a traceback: a clear line."""
 
     exit_code = 3
-
-
-# --- learning-rate schedule ---------------------------------------------------------------------
-
-
-def lr_factor(step: int, *, total_steps: int, steps_per_epoch: int, optim_cfg) -> float:
-    """Multiplier of the base lr at optimiser step `step` (0-based): linear warm-up, then decay."""
-    warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
-    if step < warmup:
-        return (step + 1) / warmup
-    if optim_cfg.schedule == "constant":
-        return 1.0
-    if optim_cfg.schedule == "step":
-        epoch = step / steps_per_epoch
-        return optim_cfg.gamma ** sum(epoch >= m for m in optim_cfg.milestones)
-    progress_ = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
-
-
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
-        )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 # --- setup helpers ------------------------------------------------------------------------------

@@ -33,33 +33,21 @@ from torch import Tensor
 from torch.func import functional_call
 
 from abdist.bilevel.coordinator import Coordinator
-from abdist.bilevel.dictionary import build_dictionary, fit_sub
+from abdist.bilevel.dictionary import (
+    DELTA_MAX,
+    TUNABLE,
+    build_dictionary,
+    class_vectors,
+    fit_sub,
+)
 from abdist.bilevel.hypergrad import OutputLoss, hypergradient
-from abdist.bilevel.objectives import get_objective
-from abdist.config import check_positive_class
 from abdist.data.memory import class_aware
 from abdist.errors import UserError
 from abdist.losses import LossSpec, delta_to_logit, parametric_cross_entropy
+from abdist.methods.autobalance_config import build_objective, validate
+from abdist.methods.batch_draw import draw_batches
 from abdist.methods.protocol import Batch, MethodSpec, Phase, SetupContext
 from abdist.methods.registry import register
-
-TUNABLE = ("w", "l", "delta", "aug")
-# Δ = DELTA_MAX·σ(t): the presets' Δ = 1 sits at t = 0, the sigmoid's steepest point.
-DELTA_MAX = 2.0
-
-
-def _expand(D: Tensor, a: dict[str, Tensor], fixed: dict[str, Tensor | None]) -> dict:
-    """Per-class vectors from subspace parameters (tuned) or the fixed preset values."""
-    out = dict(fixed)
-    if "l" in a:
-        out["l"] = D @ a["l"]
-    if "delta" in a:
-        out["delta"] = DELTA_MAX * torch.sigmoid(D @ a["delta"])
-    if "w" in a:
-        out["w"] = torch.exp(D @ a["w"])
-    if "aug" in a:
-        out["aug"] = torch.sigmoid(D @ a["aug"])
-    return out
 
 
 class AutoBalance:
@@ -139,7 +127,7 @@ class AutoBalance:
             )
         # Read by the class-aware augment at every batch; updated in place after each hyper step.
         self.aug_prob = torch.full((C,), cfg.data.augment_prob)
-        self.objective = self._build_objective()
+        self.objective = build_objective(self.cfg, self.data)
         self._refresh()
 
     # --- what the training loop calls ---------------------------------------------------------
@@ -244,35 +232,13 @@ class AutoBalance:
 
     # --- the hyper step -----------------------------------------------------------------------
 
-    def _build_objective(self):
-        name, kw = self.m.objective, {}
-        if name == "equal_opportunity_gap":
-            if self.data.num_groups is None:
-                raise UserError(
-                    "autobalance.objective=equal_opportunity_gap needs group ids (shards prepared "
-                    "with --groups), or pick balanced_ce / worst_class / blend"
-                )
-            kw.update(
-                temperature=self.m.temperature,
-                positive_class=check_positive_class(self.cfg, self.data.num_classes),
-                num_groups=self.data.num_groups,
-                ce_weight=self.m.blend_beta,
-            )
-        else:
-            kw["num_classes"] = self.data.num_classes
-        if name == "worst_class":
-            kw["temperature"] = self.m.temperature
-        if name == "blend":
-            kw["beta"] = self.m.blend_beta
-        return get_objective(name, **kw)
-
     def _refresh(self) -> None:
         if self.coordinator is None:
             self.current = self._as_cells(self.fixed)
         else:
             with torch.no_grad():
                 alpha = {k: v.detach() for k, v in self.coordinator.alpha_sub.items()}
-                self.current = self._as_cells(_expand(self.D, alpha, self.fixed))
+                self.current = self._as_cells(class_vectors(self.D, alpha, self.fixed))
         if self.current["aug"] is not None:
             self.aug_prob.copy_(self.current["aug"].detach().cpu())
 
@@ -303,31 +269,23 @@ class AutoBalance:
         mean of inverses of per-rank Hessians would be a biased, noisier estimate), unless
         dist.hyper_shard=train_val trades that for 1/W of the Hessian work.
         """
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
-        B = self.cfg.train.batch_size
         rank, world = (self.rank, self.world_size) if shard else (0, 1)
         with_groups = (self.objective.needs_groups and split is self.data.val) or (
             self.G is not None and split is self.data.train
         )
-        xs, xas, ys, gs = [], [], [], []
-        for batch in split.batches(
-            B,
-            shuffle=True,
-            generator=gen,
-            drop_last=len(split) >= B,
+        d = draw_batches(
+            split,
+            batch_size=self.cfg.train.batch_size,
+            k=self.m.hyper_batches,
+            seed=self.cfg.train.seed,
+            step=step,
+            device=self.device,
             rank=rank,
             world_size=world,
-            max_batches=self.m.hyper_batches,
             with_groups=with_groups,
-        ):
-            x, y = batch[0], batch[1]
-            xs.append(x)
-            ys.append(y)
-            gs.append(batch[2] if with_groups else None)
-            if augment:
-                xas.append(self.base_augment(x, gen, y))
-        cat = (lambda t: torch.cat(t).to(self.device)) if xs else None
-        return cat(xs), (cat(xas) if augment else None), cat(ys), (cat(gs) if with_groups else None)
+            augment=self.base_augment if augment else None,
+        )
+        return d.x, d.x_aug, d.y, d.groups
 
     def expected_train_loss(self, alpha_sub, logits, logits_aug, y, g=None) -> Tensor:
         """The training loss as a function of alpha_sub, in expectation over the augmentation mask.
@@ -337,7 +295,7 @@ class AutoBalance:
         mean's normaliser does not depend on the mask, so the expectation is exact.) `g`: the
         samples' groups, for per-cell parameters.
         """
-        c = self._as_cells(_expand(self.D, alpha_sub, self.fixed))
+        c = self._as_cells(class_vectors(self.D, alpha_sub, self.fixed))
         per, w = self._per_sample(logits, y, g, c)
         if logits_aug is not None:
             pa = c["aug"][y]
@@ -420,41 +378,6 @@ def phases(cfg) -> list[Phase]:
     scratch on train+val with the found per-class parameters frozen. Without retrain: one phase
     in the run directory itself."""
     return [SEARCH, RETRAIN] if cfg.autobalance.retrain else [Phase("search")]
-
-
-def validate(cfg) -> None:
-    """Checks across `autobalance.*` and other sections (each key alone is checked by config)."""
-    ab = cfg.autobalance
-    bad = [t for t in ab.tune if t not in ("w", "l", "delta", "aug")]
-    if bad or not ab.tune:
-        raise UserError(
-            f"'autobalance.tune' must be a non-empty subset of [w, l, delta, aug]; got {ab.tune}"
-        )
-    if "aug" in ab.tune and cfg.data.augment_prob < 1:
-        raise UserError(
-            "'data.augment_prob' and autobalance.tune=[.., aug] both set the augmentation "
-            "probability; drop data.augment_prob and set the starting value with "
-            "'autobalance.aug_init'"
-        )
-    if cfg.loss.name == "focal" and cfg.loss.gamma > 0 and ab.curvature == "gauss_newton":
-        raise UserError(
-            "'autobalance.curvature=gauss_newton' needs a loss convex in the logits; the focal "
-            "term (loss.gamma > 0) is not, so its Gauss-Newton matrix can be indefinite: use auto "
-            "or hessian"
-        )
-    if ab.per_group and "aug" in ab.tune:
-        raise UserError(
-            "'autobalance.per_group=true' tunes w, l, delta per (group, class) cell; the "
-            "augmentation probability stays per class and cannot be tuned with it (drop aug "
-            "from autobalance.tune)"
-        )
-    if ab.warmup_epochs >= cfg.train.epochs:
-        raise UserError(
-            f"'autobalance.warmup_epochs' ({ab.warmup_epochs}) leaves no search epochs within "
-            f"'train.epochs' ({cfg.train.epochs}): set autobalance.warmup_epochs="
-            f"{max(0, cfg.train.epochs - 1)} (or less), or train.epochs="
-            f"{ab.warmup_epochs + 1} (or more)"
-        )
 
 
 def build(ctx: SetupContext) -> AutoBalance:

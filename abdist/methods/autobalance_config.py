@@ -1,0 +1,69 @@
+"""What AutoBalance's config says beyond single keys: the checks across keys (`autobalance.*`
+with `data`, `loss`, `train`; each key alone is checked by abdist.config), registered with the
+method's MethodSpec so load_config runs them when method.name=autobalance, and the validation
+objective the keys name."""
+
+from __future__ import annotations
+
+from abdist.bilevel.objectives import get_objective
+from abdist.config_checks import check_positive_class
+from abdist.errors import UserError
+
+
+def validate(cfg) -> None:
+    """Checks across `autobalance.*` and other sections (each key alone is checked by config)."""
+    ab = cfg.autobalance
+    bad = [t for t in ab.tune if t not in ("w", "l", "delta", "aug")]
+    if bad or not ab.tune:
+        raise UserError(
+            f"'autobalance.tune' must be a non-empty subset of [w, l, delta, aug]; got {ab.tune}"
+        )
+    if "aug" in ab.tune and cfg.data.augment_prob < 1:
+        raise UserError(
+            "'data.augment_prob' and autobalance.tune=[.., aug] both set the augmentation "
+            "probability; drop data.augment_prob and set the starting value with "
+            "'autobalance.aug_init'"
+        )
+    if cfg.loss.name == "focal" and cfg.loss.gamma > 0 and ab.curvature == "gauss_newton":
+        raise UserError(
+            "'autobalance.curvature=gauss_newton' needs a loss convex in the logits; the focal "
+            "term (loss.gamma > 0) is not, so its Gauss-Newton matrix can be indefinite: use auto "
+            "or hessian"
+        )
+    if ab.per_group and "aug" in ab.tune:
+        raise UserError(
+            "'autobalance.per_group=true' tunes w, l, delta per (group, class) cell; the "
+            "augmentation probability stays per class and cannot be tuned with it (drop aug "
+            "from autobalance.tune)"
+        )
+    if ab.warmup_epochs >= cfg.train.epochs:
+        raise UserError(
+            f"'autobalance.warmup_epochs' ({ab.warmup_epochs}) leaves no search epochs within "
+            f"'train.epochs' ({cfg.train.epochs}): set autobalance.warmup_epochs="
+            f"{max(0, cfg.train.epochs - 1)} (or less), or train.epochs="
+            f"{ab.warmup_epochs + 1} (or more)"
+        )
+
+
+def build_objective(cfg, data):
+    """The validation objective `autobalance.objective` names, built for `data`."""
+    name, kw = cfg.autobalance.objective, {}
+    if name == "equal_opportunity_gap":
+        if data.num_groups is None:
+            raise UserError(
+                "autobalance.objective=equal_opportunity_gap needs group ids (shards prepared "
+                "with --groups), or pick balanced_ce / worst_class / blend"
+            )
+        kw.update(
+            temperature=cfg.autobalance.temperature,
+            positive_class=check_positive_class(cfg, data.num_classes),
+            num_groups=data.num_groups,
+            ce_weight=cfg.autobalance.blend_beta,
+        )
+    else:
+        kw["num_classes"] = data.num_classes
+    if name == "worst_class":
+        kw["temperature"] = cfg.autobalance.temperature
+    if name == "blend":
+        kw["beta"] = cfg.autobalance.blend_beta
+    return get_objective(name, **kw)
