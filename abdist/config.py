@@ -81,6 +81,11 @@ class LossConfig:
     ldam_scale: float = opt(30.0, lo=0.0, lo_open=True, help="ldam: logit scale s")
     drw_epoch: int = opt(160, lo=0, help="ldam_drw: epoch at which re-weighting starts")
     drw_beta: float = opt(0.9999, lo=0.0, hi=1.0, help="ldam_drw: class-balanced weight beta")
+    sample_weights: str = opt(
+        "none",
+        choices=("none", "class_balanced", "group_balanced"),
+        help="erm: per-sample weights 1/n(class) or 1/n(group, class), mean 1 over train",
+    )
 
 
 @dataclass

@@ -139,6 +139,7 @@ class _Shard:
     name: str
     path: str
     num_samples: int
+    id_offset: int = 0  # added to the samples' .idx: "train+val" numbers val after train
 
 
 # --- tar reading --------------------------------------------------------------------------------
@@ -624,7 +625,7 @@ class _SlotRun:
             self.bad.add((i, pos))
             self.report(e.reason, src.shards[i], key, e.detail)
             return None
-        return image, label, idx, group
+        return image, label, idx + src.shards[i].id_offset, group
 
     def finish(self, images: Tensor, labels: list[int], ids: list[int], groups: list[int]):
         """uint8 batch -> transformed, normalised float batch (in the worker)."""
@@ -788,12 +789,14 @@ class ShardSplit:
                     f"{root}: no split '{part}' in the manifest (has: {sorted(splits)})"
                 )
         require_wds_shards(root, manifest, parts)
-        entries = [e for part in parts for e in splits[part].get("shards") or []]
-        shards = []
-        for entry in entries:
-            path = root / entry["name"]
-            check_shard_file(path, entry)  # exists, whole tar blocks: one stat, no reading
-            shards.append(_Shard(entry["name"], str(path), int(entry["num_samples"])))
+        shards, offset = [], 0
+        for part in parts:
+            entries = splits[part].get("shards") or []
+            for entry in entries:
+                path = root / entry["name"]
+                check_shard_file(path, entry)  # exists, whole tar blocks: one stat, no reading
+                shards.append(_Shard(entry["name"], str(path), int(entry["num_samples"]), offset))
+            offset += splits[part].get("num_samples", sum(e["num_samples"] for e in entries))
         total = sum(s.num_samples for s in shards)
         declared = sum(
             splits[part].get("num_samples", sum(e["num_samples"] for e in splits[part]["shards"]))

@@ -28,12 +28,16 @@ class TensorSplit:
     """One split held in memory.
 
     ``images`` is ``[N, C, H, W]`` float32, already normalised; ``labels`` is ``[N]`` int64;
-    ``groups`` is an optional ``[N]`` int64 group attribute (for fairness objectives).
+    ``groups`` is an optional ``[N]`` int64 group attribute (for fairness objectives); ``ids``
+    optional ``[N]`` int64 sample ids, unique within the split and the same in every epoch and
+    on every rank (None: the row numbers 0..N-1). Shards loaded in memory carry the ids the
+    streamed reader yields, so a method keyed by sample id sees the same ids either way.
     """
 
     images: Tensor
     labels: Tensor
     groups: Tensor | None = None
+    ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -47,6 +51,24 @@ class TensorSplit:
             raise UserError(
                 f"groups must be [N] with N={n} to match images, got {tuple(self.groups.shape)}"
             )
+        if self.ids is not None and self.ids.shape != (n,):
+            raise UserError(
+                f"ids must be [N] with N={n} to match images, got {tuple(self.ids.shape)}"
+            )
+
+    @property
+    def sample_ids(self) -> Tensor:
+        """The split's sample ids ``[N]`` (the row numbers unless given)."""
+        if self.ids is not None:
+            return self.ids
+        return torch.arange(len(self.labels), device=self.labels.device)
+
+    @property
+    def id_count(self) -> int:
+        """Size of the id space: 1 + the largest id (the ids of a split appended after this one
+        start here, as "train+val" numbers val's samples after train's)."""
+        ids = self.sample_ids
+        return int(ids.max()) + 1 if len(ids) else 0
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -69,9 +91,11 @@ class TensorSplit:
         world_size: int = 1,
         max_batches: int | None = None,
         with_groups: bool = False,
+        with_ids: bool = False,
     ) -> Iterator[tuple[Tensor, ...]]:
-        """Yield ``(x, y)`` batches covering the split once; ``(x, y, g)`` with ``with_groups``
-        (the split must carry groups).
+        """Yield ``(x, y)`` batches covering the split once, then ``ids`` (the sample ids) with
+        ``with_ids`` and ``g`` (the group ids; the split must carry groups) with ``with_groups``:
+        ``(x, y, ids, g)`` with both, the order ``ShardSplit.batches`` yields them in.
 
         The order (and the augmentation randomness, via ``augment(x, generator)``) comes only from
         ``generator``, so the same generator state reproduces the same batches; with
@@ -89,7 +113,10 @@ class TensorSplit:
         """
         _check_rank(rank, world_size)
         if with_groups and self.groups is None:
-            raise ValueError("with_groups=True on a split without group attributes")
+            raise UserError(
+                "this data has no group ids; group-aware training needs shards prepared with "
+                "--groups CSV"
+            )
         n_batches = self.num_batches(batch_size, drop_last)
         if max_batches is not None:  # a partial pass (a hyper step's few batches)
             n_batches = min(n_batches, max_batches)
@@ -107,11 +134,13 @@ class TensorSplit:
                 start, stop, lo, hi = start + lo, start + hi, 0, hi - lo
             idx = slice(start, stop) if order is None else order[start:stop]
             x, y = self.images[idx], self.labels[idx]
-            g = self.groups[idx] if with_groups else None
+            extra = [self.sample_ids[idx]] if with_ids else []
+            if with_groups:
+                extra.append(self.groups[idx])
             if augment is not None:
                 x = augment(x, generator, y)[lo:hi]
-                y, g = y[lo:hi], (g[lo:hi] if with_groups else None)
-            yield (x, y, g) if with_groups else (x, y)
+                y, extra = y[lo:hi], [t[lo:hi] for t in extra]
+            yield (x, y, *extra)
 
     def shard(self, rank: int, world_size: int) -> TensorSplit:
         """This rank's contiguous slice of the split, for evaluation: every sample is in exactly
@@ -120,7 +149,7 @@ class TensorSplit:
         _check_rank(rank, world_size)
         lo, hi = _rank_slice(len(self), rank, world_size)
         groups = None if self.groups is None else self.groups[lo:hi]
-        return TensorSplit(self.images[lo:hi], self.labels[lo:hi], groups)
+        return TensorSplit(self.images[lo:hi], self.labels[lo:hi], groups, self.sample_ids[lo:hi])
 
 
 def _rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -182,10 +211,19 @@ class DataBundle:
 
         t, v = self.train, self.val
         train = TensorSplit(
-            cat(t.images, v.images), cat(t.labels, v.labels), cat(t.groups, v.groups)
+            cat(t.images, v.images),
+            cat(t.labels, v.labels),
+            cat(t.groups, v.groups),
+            # val's ids after train's: unique in the merged split, as the streamed "train+val".
+            torch.cat([t.sample_ids, v.sample_ids + self.train_id_count]),
         )
         empty = TensorSplit(v.images[:0], v.labels[:0], None if v.groups is None else v.groups[:0])
         return dataclasses.replace(self, train=train, val=empty)
+
+    @property
+    def train_id_count(self) -> int:
+        """Where val's ids start in "train+val": 1 + train's largest id."""
+        return self.train.id_count
 
 
 def random_shift(pad: int, flip: bool = False) -> Augment:

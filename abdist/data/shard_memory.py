@@ -82,7 +82,9 @@ class CountedSplit(TensorSplit):
     def shard(self, rank: int, world_size: int) -> CountedSplit:
         part = super().shard(rank, world_size)
         skipped = self.skipped if rank == 0 else {}  # every rank holds all: count it once
-        return CountedSplit(part.images, part.labels, part.groups, skipped, self.tally)
+        return CountedSplit(
+            part.images, part.labels, part.groups, part.ids, skipped=skipped, tally=self.tally
+        )
 
 
 @dataclass
@@ -90,6 +92,13 @@ class CountedBundle(DataBundle):
     """A :class:`DataBundle` with ``bad_sample_counts``: in-memory shards with skipped samples."""
 
     tally: dict[str, int] = field(default_factory=dict, repr=False)
+    train_ids: int = 0  # the train split's samples in the manifest, skipped ones included
+
+    @property
+    def train_id_count(self) -> int:
+        # Not 1 + the largest id read: the last train samples may have been skipped as bad,
+        # and the streamed "train+val" numbers val after every train sample of the manifest.
+        return self.train_ids
 
     @property
     def bad_sample_counts(self) -> dict[str, int]:
@@ -101,9 +110,8 @@ class CountedBundle(DataBundle):
         merged = super().with_val_merged()
         t, v = self.train, self.val
         skipped = {r: _skipped(t).get(r, 0) + _skipped(v).get(r, 0) for r in BAD_REASONS}
-        train = CountedSplit(
-            merged.train.images, merged.train.labels, merged.train.groups, skipped, self.tally
-        )
+        m = merged.train
+        train = CountedSplit(m.images, m.labels, m.groups, m.ids, skipped=skipped, tally=self.tally)
         return dataclasses.replace(merged, train=train)
 
 
@@ -139,12 +147,12 @@ class _Skips:
 def _read_split(
     root: Path, manifest: dict, split: str, skips: _Skips
 ) -> tuple[list[np.ndarray], list[int], list[int], dict[str, int]]:
-    """Decoded images ([C, H, W] uint8), labels, groups (empty without groups) and the skipped
-    counts by reason of one split, every shard checked against the manifest."""
+    """Decoded images ([C, H, W] uint8), labels, sample ids, groups (empty without groups) and
+    the skipped counts by reason of one split, every shard checked against the manifest."""
     channels = manifest["image"]["channels"]
     num_classes = len(manifest["class_names"])
     num_groups = len(manifest["group_names"]) if manifest.get("group_names") else None
-    images, labels, groups = [], [], []
+    images, labels, ids, groups = [], [], [], []
     skipped = dict.fromkeys(BAD_REASONS, 0)
     for entry in manifest["splits"][split]["shards"]:
         path = root / entry["name"]
@@ -160,13 +168,14 @@ def _read_split(
                     )
                 found += 1
                 try:
-                    image, label, _, group = sample_fields(fields, num_classes, num_groups)
+                    image, label, idx, group = sample_fields(fields, num_classes, num_groups)
                     arr = _decode_image(image, channels, "pil").numpy()
                 except _BadSample as bad:
                     skips.note(skipped, path, key, bad)
                     continue
                 images.append(arr)
                 labels.append(label)
+                ids.append(idx)
                 if num_groups is not None:
                     groups.append(group)
         except _TarError as e:
@@ -179,7 +188,7 @@ def _read_split(
             f"{root}: images of different sizes {sorted(shapes)[:3]}; in-memory loading needs "
             "one size (prepare resized images or set data.in_memory=false)"
         )
-    return images, labels, groups, skipped
+    return images, labels, ids, groups, skipped
 
 
 def load_shards_in_memory(
@@ -206,10 +215,10 @@ def load_shards_in_memory(
     raw = {}
     for split in SPLITS:
         raw[split] = _read_split(root, manifest, split, skips)
-        bad = sum(raw[split][3].values())
+        bad = sum(raw[split][4].values())
         total = manifest["splits"][split]["num_samples"]
         if over_bad_limit(bad, total, max_bad_fraction):
-            raise too_many_bad(split, bad, total, max_bad_fraction, raw[split][3])
+            raise too_many_bad(split, bad, total, max_bad_fraction, raw[split][4])
     if not raw["train"][0]:
         raise UserError(f"{root}: the train split has no readable sample; re-run `abdist prepare`")
     shape = raw["train"][0][0].shape
@@ -235,16 +244,21 @@ def load_shards_in_memory(
         mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
         std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
 
-    any_skipped = any(n for s in SPLITS for n in raw[s][3].values())
+    any_skipped = any(n for s in SPLITS for n in raw[s][4].values())
     tally: dict[str, int] = {}
 
     def split(name):
-        _, y, g, skipped = raw[name]
+        _, y, ids, g, skipped = raw[name]
         x = (torch.from_numpy(arrays[name]).float() / 255.0 - mean) / std
-        args = (x, torch.tensor(y, dtype=torch.int64), torch.tensor(g) if g else None)
+        args = (
+            x,
+            torch.tensor(y, dtype=torch.int64),
+            torch.tensor(g) if g else None,
+            torch.tensor(ids, dtype=torch.int64),
+        )
         if not any_skipped:
             return TensorSplit(*args)
-        return CountedSplit(*args, {r: n for r, n in skipped.items() if n}, tally)
+        return CountedSplit(*args, skipped={r: n for r, n in skipped.items() if n}, tally=tally)
 
     kw = dict(
         train=split("train"),
@@ -254,4 +268,6 @@ def load_shards_in_memory(
         in_channels=int(shape[0]),
         image_size=int(shape[1]),
     )
-    return CountedBundle(**kw, tally=tally) if any_skipped else DataBundle(**kw)
+    if not any_skipped:
+        return DataBundle(**kw)
+    return CountedBundle(**kw, tally=tally, train_ids=manifest["splits"]["train"]["num_samples"])

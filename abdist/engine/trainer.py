@@ -39,6 +39,7 @@ from abdist.errors import UserError
 from abdist.io import write_json, write_text
 from abdist.losses import build_loss_spec
 from abdist.methods import Batch, Phase, SetupContext
+from abdist.methods.sample_weights import sample_weights_for
 from abdist.metrics import (
     GROUP_SCALAR_METRICS,
     class_metrics,
@@ -242,7 +243,9 @@ def train(
         return conf.sum(0), group_confusion_metrics(conf, positive_class)
 
     bad = BadSampleTally(data, dist)
-    with_groups = "groups" in method.needs
+    weigh = sample_weights_for(method, cfg, data)  # loss.sample_weights: per-sample weights
+    with_ids = "ids" in method.needs
+    with_groups = "groups" in method.needs or (weigh is not None and weigh.needs_groups)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
@@ -257,7 +260,8 @@ def train(
             augment=augment,
             rank=dist.rank,  # this rank's slice of every global batch of B
             world_size=dist.world_size,
-            with_groups=with_groups,  # per-cell loss parameters
+            with_groups=with_groups,  # per-cell loss parameters, group-balanced weights
+            with_ids=with_ids,
         )
         total_loss, seen, hyper = 0.0, 0, {}
         engine.zero_grad()
@@ -268,7 +272,11 @@ def train(
             mode=cfg.tracking.progress if dist.is_main else "never",
         )
         for i, fields in enumerate(bar):
-            batch = Batch(*fields).to(device)
+            x, y, *rest = fields  # then ids, groups: what was asked for, in that order
+            ids = rest.pop(0) if with_ids else None
+            groups = rest.pop(0) if with_groups else None
+            weights = weigh(y, groups) if weigh is not None else None
+            batch = Batch(x, y, groups, ids, weights).to(device)
             last_micro = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
             with engine.grad_sync(last_micro):
                 with autocast:

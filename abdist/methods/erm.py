@@ -2,7 +2,8 @@
 
 ERM's loss parameters are fixed by its preset; nothing happens between steps. With
 `data.augment_prob` < 1 a uniform share of the training samples is augmented (the control for
-AutoBalance's tuned per-class probability).
+AutoBalance's tuned per-class probability). With `loss.sample_weights` each sample's loss is
+weighted by 1/n(class) or 1/n(group, class) (the group-balanced reweighting baseline).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from abdist.methods.registry import register
 
 class ERM:
     name = "erm"
-    needs = frozenset()
 
-    def __init__(self, loss: ParametricLoss, augment=None, class_counts=()):
+    def __init__(self, loss: ParametricLoss, augment=None, class_counts=(), weighted=False):
         self.loss = loss
         self.augment = augment
         self.class_counts = list(class_counts)
+        # loss.sample_weights: batches then carry per-sample weights (mean 1 over train).
+        self.needs = frozenset({"weights"} if weighted else ())
 
     @classmethod
     def build(cls, ctx: SetupContext) -> ERM:
@@ -31,7 +33,9 @@ class ERM:
         if augment is not None and ctx.cfg.data.augment_prob < 1:
             p = torch.full((ctx.data.num_classes,), ctx.cfg.data.augment_prob)
             augment = class_aware(augment, p)
-        return cls(ParametricLoss(ctx.loss_spec).to(ctx.device), augment, ctx.data.class_counts)
+        loss = ParametricLoss(ctx.loss_spec).to(ctx.device)
+        weighted = ctx.cfg.loss.sample_weights != "none"
+        return cls(loss, augment, ctx.data.class_counts, weighted)
 
     def train_augment(self):
         return self.augment
@@ -42,7 +46,12 @@ class ERM:
         self.loss.set_epoch(epoch)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return self.loss(model(batch.x).float(), batch.y)
+        logits = model(batch.x).float()
+        if batch.weights is None:
+            return self.loss(logits, batch.y)
+        # A plain mean of w_i·ℓ_i (the weights have mean 1 over train): ranks' means average to
+        # the global batch's loss. The preset's class weights, if any, stay inside ℓ_i.
+        return (self.loss(logits, batch.y, reduction="none") * batch.weights).mean()
 
     def before_step(self, step: int, module: nn.Module, lr: float) -> None:
         pass

@@ -41,8 +41,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-# What a batch can carry beyond (x, y); a method lists the ones it needs in `needs`.
-BATCH_FIELDS = ("groups",)
+# What a batch can carry beyond (x, y); a method lists the ones it needs in `needs`:
+#   groups   int64 [b] group ids (shards prepared with --groups; other data refuses in one line)
+#   ids      int64 [b] sample ids: unique in the split, the same every epoch, on every rank, in
+#            memory and streamed ("train+val" numbers val after train)
+#   weights  float32 [b] per-sample weights from `loss.sample_weights` (mean 1 over the
+#            training split; abdist/methods/sample_weights.py); a method that does not list
+#            them refuses that key in one line
+BATCH_FIELDS = ("groups", "ids", "weights")
 
 
 @dataclass
@@ -52,10 +58,12 @@ class Batch:
     x: Tensor
     y: Tensor
     groups: Tensor | None = None
+    ids: Tensor | None = None
+    weights: Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.x), move(self.y), move(self.groups))
+        return Batch(*(move(t) for t in (self.x, self.y, self.groups, self.ids, self.weights)))
 
 
 @dataclass(frozen=True)
