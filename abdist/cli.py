@@ -235,7 +235,8 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from abdist.data.shards import read_manifest, verify_shards
+    from abdist.data.manifest import read_manifest
+    from abdist.data.shards import verify_shards
 
     problems = verify_shards(args.dir)
     if problems:

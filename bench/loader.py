@@ -268,7 +268,7 @@ def profile_stages(shards: Path, folder: Path, n: int, batch_size: int) -> dict:
     out = {}
 
     t = time.perf_counter()
-    samples = [s for _, s in zip(range(n), L._shard_samples(path, 0, n))]
+    samples = [s for _, s in zip(range(n), L.shard_samples(path, 0, n))]
     n = len(samples)
     out["tar_read"] = (time.perf_counter() - t) / n * 1e6
     from webdataset.tariterators import tar_file_iterator
@@ -283,11 +283,11 @@ def profile_stages(shards: Path, folder: Path, n: int, batch_size: int) -> dict:
     out["tar_read_webdataset_tarfile"] = (time.perf_counter() - t) / n * 1e6
 
     t = time.perf_counter()
-    images = [L._decode_image(fields["jpg"], 3, "torchvision") for _, _, fields in samples]
+    images = [L.decode_image(fields["jpg"], 3, "torchvision") for _, _, fields in samples]
     out["decode_torchvision"] = (time.perf_counter() - t) / n * 1e6
     t = time.perf_counter()
     for _, _, fields in samples:
-        L._decode_image(fields["jpg"], 3, "pil")
+        L.decode_image(fields["jpg"], 3, "pil")
     out["decode_pil"] = (time.perf_counter() - t) / n * 1e6
 
     labels = torch.tensor([int(fields["cls"]) for _, _, fields in samples])

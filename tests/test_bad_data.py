@@ -232,7 +232,7 @@ def test_max_bad_fraction_stops_a_mostly_broken_split(shards, tmp_path, mode):
 
 
 def test_max_bad_fraction_zero_allows_no_skip_in_memory(shards):
-    from abdist.data.loader import BadSampleWarning
+    from abdist.data.samples import BadSampleWarning
     from abdist.data.shard_memory import load_shards_in_memory
 
     _garble(shards, SHARD, [5])

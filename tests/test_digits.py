@@ -155,5 +155,5 @@ def test_batches_with_groups_keep_each_sample_with_its_group(augment):
             # the same samples (and augmentation draws) as without groups, each with its own id
             assert torch.equal(x, xg) and torch.equal(y, yg)
             assert torch.equal(gg, (yg * 7) % 3)
-    with pytest.raises(ValueError, match="without group"):
+    with pytest.raises(UserError, match="no group ids"):
         next(base.batches(4, shuffle=False, with_groups=True))

@@ -21,8 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
+from abdist.data.manifest import read_manifest, sha256_file
 from abdist.data.prepare import WRITERS, PrepareOptions, prepare
-from abdist.data.shards import read_manifest, sha256_file, verify_shards
+from abdist.data.shards import verify_shards
 from abdist.errors import UserError
 
 HAVE_FFCV = importlib.util.find_spec("ffcv") is not None

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from abdist.data.loader import BadSampleWarning, ShardSplit, _shard_samples
+from abdist.data.loader import ShardSplit
+from abdist.data.samples import BadSampleWarning
+from abdist.data.tar_reader import shard_samples
 from abdist.errors import UserError
 
 wds = pytest.importorskip("webdataset")
@@ -386,14 +388,14 @@ def test_tar_reader_matches_tarfile_on_pax_and_gnu_long_names(tmp_path):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    got = list(_shard_samples(str(path), 0, 10))
+    got = list(shard_samples(str(path), 0, 10))
     assert [(p, k) for p, k, _ in got] == [(0, "a"), (1, long + "1"), (2, long + "2")]
     assert got[2][2] == {"jpg": b"\x01" * 700, "cls": b"3"}
     # TarWriter's pax headers (float mtimes) and a start offset.
     with wds.TarWriter(str(tmp_path / "y.tar")) as w:
         for i in range(5):
             w.write({"__key__": f"k{i}", "txt": f"value {i}".encode(), "cls": b"1"})
-    got = list(_shard_samples(str(tmp_path / "y.tar"), 2, 4))
+    got = list(shard_samples(str(tmp_path / "y.tar"), 2, 4))
     assert [(p, k, f["txt"]) for p, k, f in got] == [(2, "k2", b"value 2"), (3, "k3", b"value 3")]
 
 

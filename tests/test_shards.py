@@ -9,12 +9,11 @@ import tarfile
 import numpy as np
 import pytest
 
+from abdist.data.manifest import read_manifest, sha256_file
 from abdist.data.prepare import PrepareOptions, prepare
 from abdist.data.shards import (
     SHARD_MTIME,
     Record,
-    read_manifest,
-    sha256_file,
     shard_sizes,
     verify_shards,
     write_wds_split,

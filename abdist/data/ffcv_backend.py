@@ -95,17 +95,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from abdist.data.loader import (
-    _check_batch_size,
-    _draw_seed,
-    _refuse_groups,
-    _resolve_rank,
+from abdist.data.manifest import image_settings, manifest_class_counts, read_manifest, sha256_file
+from abdist.data.planning import (
+    check_batch_size,
     epoch_batches,
-    image_settings,
     local_batch,
-    manifest_class_counts,
+    resolve_rank,
+    seed_from,
 )
-from abdist.data.shards import Record, read_manifest, sha256_file
+from abdist.data.shards import MAX_SAMPLE_PROBLEMS, Record, ShardScan
 from abdist.errors import UserError
 
 __all__ = [
@@ -125,6 +123,15 @@ FFCV_INSTALL_HINT = (
 PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's default; every sample must fit in one page
 FIELDS = ("image", "label", "index")  # + "group" when the dataset has groups
 _JPG, _RAW = 0, 1  # RGBImageField's modes
+
+
+def _refuse_groups(with_groups: bool) -> None:
+    """The FFCV reader does not yield group ids (yet): what needs them says so in one line."""
+    if with_groups:
+        raise UserError(
+            "the FFCV reader does not yield group ids yet; read group data with the WebDataset "
+            "shards (ShardSplit, or abdist train)"
+        )
 
 
 def require_ffcv():
@@ -263,10 +270,9 @@ def _chain(first, rest: Iterator) -> Iterator:
 def scan_beton(path: str | Path, split: str, num_classes: int, num_groups: int | None):
     """Check a ``.beton`` sample by sample (no image decoding), for ``verify_shards``.
 
-    Returns a :class:`abdist.data.shards._ShardScan`. Raises ``UserError`` when ffcv is not
+    Returns a :class:`abdist.data.shards.ShardScan`. Raises ``UserError`` when ffcv is not
     installed and ``ValueError`` when the file's header or tables cannot be read.
     """
-    from abdist.data.shards import _MAX_SAMPLE_PROBLEMS, _ShardScan
 
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
@@ -290,7 +296,7 @@ def scan_beton(path: str | Path, split: str, num_classes: int, num_groups: int |
     bad: dict[int, list[str]] = {}
 
     def flag(mask: np.ndarray, text: str) -> None:
-        for i in np.flatnonzero(mask)[: _MAX_SAMPLE_PROBLEMS + 1].tolist():
+        for i in np.flatnonzero(mask)[: MAX_SAMPLE_PROBLEMS + 1].tolist():
             bad.setdefault(i, []).append(text)
 
     flag(
@@ -327,7 +333,7 @@ def scan_beton(path: str | Path, split: str, num_classes: int, num_groups: int |
     flag((h == 0) | (w == 0), "empty image")
     flag((mode == _RAW) & (region != h * w * 3), "raw image size does not match its height/width")
     problems = [f"sample {split}-{i:08d}: {'; '.join(texts)}" for i, texts in sorted(bad.items())]
-    return _ShardScan(n, cc.astype(np.int64), gcc, index.astype(np.int64).tolist(), problems)
+    return ShardScan(n, cc.astype(np.int64), gcc, index.astype(np.int64).tolist(), problems)
 
 
 # --------------------------------------------------------------------------- reading
@@ -380,7 +386,7 @@ class FFCVSplit:
                 f"{', '.join(e['name'] for e in entries)}); prepare it with --format ffcv, or "
                 "read WebDataset shards with abdist.data.loader.ShardSplit"
             )
-        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         if num_workers is None:
             num_workers = _cpu_count()
         for name, value, low in (
@@ -487,7 +493,7 @@ class FFCVSplit:
 
     def eval_num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """Batches this rank yields in an evaluation pass."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         a, b = self._eval_range()
         return (b - a) // batch_size if drop_last else math.ceil((b - a) / batch_size)
 
@@ -500,7 +506,7 @@ class FFCVSplit:
     def shard(self, rank: int, world_size: int) -> FFCVSplit:
         """This split as served to ``rank`` of ``world_size`` (the ``TensorSplit.shard``
         surface); ``self`` when that is its own place."""
-        rank, world_size = _resolve_rank(rank, world_size)
+        rank, world_size = resolve_rank(rank, world_size)
         if (rank, world_size) == (self.rank, self.world_size):
             return self
         view = copy.copy(self)  # shares the compiled loaders
@@ -536,13 +542,13 @@ class FFCVSplit:
         this pass; ``max_batches`` stops after that many batches.
         """
         _refuse_groups(with_groups)
-        _check_batch_size(batch_size)
-        rank, world_size = _resolve_rank(
+        check_batch_size(batch_size)
+        rank, world_size = resolve_rank(
             self.rank if rank is None else rank,
             self.world_size if world_size is None else world_size,
         )
         if shuffle:
-            seed = _draw_seed(generator)
+            seed = seed_from(generator)
             n_batches = epoch_batches(self._n, batch_size, drop_last)
             batch_size = local_batch(batch_size, world_size)
             if n_batches == 0:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from abdist.data.planning import check_batch_size
 from abdist.errors import UserError
 
 # augment(x, generator, y) -> x: a batch-level transform drawing its randomness from `generator`;
@@ -75,7 +76,7 @@ class TensorSplit:
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """Number of batches one epoch of :meth:`batches` yields."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         n = len(self)
         return n // batch_size if drop_last else math.ceil(n / batch_size)
 
@@ -159,11 +160,6 @@ def _rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def _check_rank(rank: int, world_size: int) -> None:
     if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 @dataclass

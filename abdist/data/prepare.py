@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from abdist.data.longtail import PROFILES, longtail_counts, stratified_split, subsample_per_class
-from abdist.data.shards import MANIFEST_FORMAT, MANIFEST_NAME, Record
+from abdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from abdist.data.shards import Record
 from abdist.data.sources import SPLITS, Source, SourceSplit, encode_image, open_source
 from abdist.errors import UserError
 from abdist.io import write_json

@@ -31,34 +31,31 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from abdist.data.loader import (
-    _MAX_WARNINGS,
-    BAD_REASONS,
-    BadSampleWarning,
-    _BadSample,
-    _decode_image,
-    _tar_samples,
-    _TarError,
-    bad_sample_error,
-    over_bad_limit,
-    sample_fields,
-    too_many_bad,
-)
-from abdist.data.memory import DataBundle, TensorSplit
-from abdist.data.shards import (
+from abdist.data.manifest import (
     check_shard_file,
     damaged_shard,
     read_manifest,
     read_shard_checked,
     require_wds_shards,
 )
+from abdist.data.memory import DataBundle, TensorSplit
+from abdist.data.samples import (
+    BAD_REASONS,
+    BadSample,
+    bad_sample_error,
+    decode_image,
+    over_bad_limit,
+    sample_fields,
+    too_many_bad,
+    warn_skipped,
+)
+from abdist.data.tar_reader import TarError, tar_samples
 from abdist.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -125,23 +122,13 @@ class _Skips:
     def __init__(self, bad_data: str) -> None:
         self.bad_data, self.warned = bad_data, 0
 
-    def note(self, counts: dict[str, int], path: Path, key: str, bad: _BadSample) -> None:
+    def note(self, counts: dict[str, int], path: Path, key: str, bad: BadSample) -> None:
         if self.bad_data == "error":
             raise bad_sample_error(key, str(path), bad.detail)
         counts[bad.reason] += 1
-        if self.warned < _MAX_WARNINGS:
-            self.warned += 1
-            more = (
-                "; further bad samples are only counted (bad_sample_counts)"
-                if self.warned == _MAX_WARNINGS
-                else ""
-            )
-            warnings.warn(
-                f"skipped bad sample '{key}' in shard {path.name} ({bad.reason}: {bad.detail})"
-                f"{more}",
-                BadSampleWarning,
-                stacklevel=4,
-            )
+        self.warned = warn_skipped(
+            self.warned, path.name, key, bad.reason, bad.detail, stacklevel=5
+        )
 
 
 def _read_split(
@@ -161,7 +148,7 @@ def _read_split(
         found = 0
         try:
             # One sample further than the manifest lists: there must be none.
-            for pos, key, fields in _tar_samples(io.BytesIO(data), 0, want + 1):
+            for pos, key, fields in tar_samples(io.BytesIO(data), 0, want + 1):
                 if pos >= want:
                     raise damaged_shard(
                         path, f"it holds more samples than the {want} the manifest lists"
@@ -169,8 +156,8 @@ def _read_split(
                 found += 1
                 try:
                     image, label, idx, group = sample_fields(fields, num_classes, num_groups)
-                    arr = _decode_image(image, channels, "pil").numpy()
-                except _BadSample as bad:
+                    arr = decode_image(image, channels, "pil").numpy()
+                except BadSample as bad:
                     skips.note(skipped, path, key, bad)
                     continue
                 images.append(arr)
@@ -178,7 +165,7 @@ def _read_split(
                 ids.append(idx)
                 if num_groups is not None:
                     groups.append(group)
-        except _TarError as e:
+        except TarError as e:
             raise damaged_shard(path, str(e)) from None
         if found != want:
             raise damaged_shard(path, f"it holds {found} samples, the manifest lists {want}")

@@ -15,28 +15,26 @@ plus per-split ``class_counts`` and ``group_class_counts`` (indexed ``[group][cl
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
-import tarfile
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from abdist.data.manifest import read_manifest, sha256_file
+from abdist.data.tar_reader import TarError, shard_samples
 from abdist.errors import UserError
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "abdist-shards/1"
 IMAGE_FIELDS = ("jpg", "png")
 # Fixed tar member metadata: with the wall clock as mtime two identical prepares would differ.
 # (TarWriter already fixes uid/gid 0, user/group names and mode; we pass them explicitly anyway.)
 SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z
 _TAR_META = {"mtime": SHARD_MTIME, "mode": 0o444, "user": "abdist", "group": "abdist"}
-_MAX_SAMPLE_PROBLEMS = 5  # per shard: one corrupt shard should not drown the report
+MAX_SAMPLE_PROBLEMS = 5  # per shard: one corrupt shard should not drown the report
 
 
 @dataclass(frozen=True)
@@ -70,15 +68,6 @@ def shard_sizes(num_samples: int, shard_size: int) -> list[int]:
         return []
     n = math.ceil(num_samples / shard_size)
     return [num_samples // n + (j < num_samples % n) for j in range(n)]
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_wds_split(
@@ -122,159 +111,14 @@ def write_wds_split(
 # --------------------------------------------------------------------------- manifest
 
 
-def read_manifest(directory: str | Path) -> dict:
-    """Load and sanity-check ``directory/manifest.json``; one-line ``UserError`` if unusable."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        hint = "" if Path(directory).is_dir() else " (no such directory)"
-        raise UserError(f"{path}: not found{hint}; create shards with `abdist prepare`")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    problem = _manifest_problem(m)
-    if problem:
-        raise UserError(f"{path}: invalid manifest: {problem}")
-    return m
-
-
-def _manifest_problem(m) -> str | None:
-    if not isinstance(m, dict):
-        return "not a JSON object"
-    if m.get("format") != MANIFEST_FORMAT:
-        return f"format is {m.get('format')!r}, expected {MANIFEST_FORMAT!r}"
-    names = m.get("class_names")
-    if not isinstance(names, list) or m.get("num_classes") != len(names):
-        return "class_names / num_classes missing or inconsistent"
-    groups = m.get("group_names")
-    if groups is not None and not isinstance(groups, list):
-        return "group_names must be a list or null"
-    splits = m.get("splits")
-    if not isinstance(splits, dict) or not splits:
-        return "no splits"
-    for split, info in splits.items():
-        try:
-            shards = info["shards"]
-            ok = (
-                isinstance(info["num_samples"], int)
-                and len(info["class_counts"]) == len(names)
-                and all(
-                    isinstance(s["name"], str)
-                    and re.fullmatch(r"[\w.-]+", s["name"])  # a plain file name in the dir
-                    and isinstance(s["num_samples"], int)
-                    and isinstance(s["sha256"], str)
-                    for s in shards
-                )
-            )
-        except (KeyError, TypeError):
-            ok = False
-        if not ok:
-            return f"split {split!r} lacks num_samples, class_counts or well-formed shards"
-    return None
-
-
 # --------------------------------------------------------------------------- checks on load
-
-
-def require_wds_shards(root: str | Path, manifest: dict, splits: Iterable[str]) -> None:
-    """One-line ``UserError`` unless ``splits`` are stored as WebDataset ``.tar`` shards.
-
-    An FFCV directory (``abdist prepare --format ffcv``: one ``{split}.beton`` per split, and
-    ``options.format == "ffcv"`` in its manifest) says so: ``abdist train`` reads WebDataset
-    shards, in memory and streamed alike.
-    """
-    names = [e["name"] for split in splits for e in manifest["splits"][split]["shards"]]
-    everything = [e["name"] for info in manifest["splits"].values() for e in info["shards"]]
-    beton = [n for n in everything if n.endswith(".beton")]
-    if beton or (manifest.get("options") or {}).get("format") == "ffcv":
-        files = ", ".join(beton[:3]) or "no .tar shards"
-        raise UserError(
-            f"{root} is an FFCV directory (prepared with --format ffcv: {files}), not "
-            "WebDataset tar shards, which are what `abdist train` reads: prepare the data again "
-            "without --format ffcv, or read this directory in Python with "
-            "abdist.data.ffcv_backend.FFCVSplit"
-        )
-    other = [n for n in names if not n.endswith(".tar")]
-    if other:
-        raise UserError(
-            f"{root}: {other[0]} is not stored as WebDataset tar shards (.tar files); "
-            "re-run `abdist prepare`"
-        )
-
-
-def damaged_shard(path: str | Path, problem: str) -> UserError:
-    """The one-line error for a shard FILE that is not what the manifest says (changed bytes,
-    truncated, unreadable tar, wrong sample count): the whole file is suspect, so this is never
-    a skippable bad sample, whatever ``data.bad_data`` says."""
-    path = Path(path)
-    return UserError(
-        f"shard {path} is damaged: {problem}; a damaged file is not a bad sample that "
-        "data.bad_data could skip: re-run `abdist prepare` (`abdist verify "
-        f"{path.parent}` lists every problem)"
-    )
-
-
-def missing_shard(path: str | Path) -> UserError:
-    """The one-line error for a shard the manifest lists that is not on disk."""
-    path = Path(path)
-    return UserError(
-        f"shard {path} listed in the manifest is missing: the directory is incomplete; re-run "
-        f"`abdist prepare` (`abdist verify {path.parent}` lists every problem)"
-    )
-
-
-def read_shard_checked(path: str | Path, entry: dict) -> bytes:
-    """The bytes of the shard ``entry`` (a manifest shard entry), checked against its sha256.
-
-    For readers that read whole files anyway (the in-memory loader): hashing the bytes already
-    in memory costs ~1 ms per MB, far less than decoding them.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise missing_shard(path) from None
-    except IsADirectoryError:
-        raise damaged_shard(path, "it is a directory, not a file") from None
-    except OSError as exc:
-        raise damaged_shard(path, f"it cannot be read ({exc.strerror or exc})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise damaged_shard(
-            path,
-            f"its sha256 is {digest[:16]}..., the manifest says {entry['sha256'][:16]}... "
-            f"(changed, truncated or corrupt since `abdist prepare`; {len(data)} bytes)",
-        )
-    return data
-
-
-def check_shard_file(path: str | Path, entry: dict) -> None:
-    """Cheap checks of a shard before streaming it (no reading): it exists, is a file, and its
-    size is a whole number of 512-byte tar blocks (a cut-off file usually is not).
-
-    The sha256 is NOT recomputed here (a pass over every byte of a dataset too large for memory,
-    at every start); ``abdist verify`` does that, and the streaming reader checks every tar
-    header's checksum and each shard's sample count as it reads.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise missing_shard(path)
-    if not path.is_file():
-        raise damaged_shard(path, "it is not a regular file")
-    size = path.stat().st_size
-    if size % 512 or (size == 0 and entry["num_samples"] > 0):
-        raise damaged_shard(
-            path,
-            f"{size} bytes is not a whole number of 512-byte tar blocks (truncated?); the "
-            f"manifest lists {entry['num_samples']} samples",
-        )
 
 
 # --------------------------------------------------------------------------- verify
 
 
 @dataclass
-class _ShardScan:
+class ShardScan:
     num_samples: int
     class_counts: np.ndarray
     group_class_counts: np.ndarray | None
@@ -282,7 +126,7 @@ class _ShardScan:
     problems: list[str]
 
 
-def _scan_shard(path: Path, split: str, num_classes: int, num_groups: int | None) -> _ShardScan:
+def _scan_shard(path: Path, split: str, num_classes: int, num_groups: int | None) -> ShardScan:
     """Read a shard's members (images are skipped, not decoded) and check each sample."""
     cc = np.zeros(num_classes, dtype=np.int64)
     gcc = np.zeros((num_groups, num_classes), dtype=np.int64) if num_groups else None
@@ -324,25 +168,10 @@ def _scan_shard(path: Path, split: str, num_classes: int, num_groups: int | None
         if bad:
             problems.append(f"sample {key}: {'; '.join(bad)}")
 
-    with tarfile.open(path, "r|") as tf:  # streaming: one pass, no seeks
-        key, fields = None, {}
-        for member in tf:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            k, _, field = base.partition(".")
-            # WebDataset groups consecutive members by key; so do we.
-            if k != key:
-                if key is not None:
-                    finish(key, fields)
-                key, fields = k, {}
-            if field in ("cls", "idx", "grp"):
-                fields[field] = tf.extractfile(member).read()
-            else:
-                fields[field] = None
-        if key is not None:
-            finish(key, fields)
-    return _ShardScan(n, cc, gcc, indices, problems)
+    # The loaders' own reader, so verify groups members into samples exactly as training does.
+    for _, key, fields in shard_samples(str(path), 0, sys.maxsize):
+        finish(key, fields)
+    return ShardScan(n, cc, gcc, indices, problems)
 
 
 def _int_field(fields: dict, name: str) -> int | None:
@@ -397,7 +226,7 @@ def verify_shards(directory: str | Path) -> list[str]:
                     scan = scan_beton(path, split, num_classes, num_groups)
                 else:
                     scan = _scan_shard(path, split, num_classes, num_groups)
-            except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            except (TarError, OSError, ValueError) as exc:
                 kind = ".beton" if name.endswith(".beton") else "tar"
                 problems.append(f"{name}: unreadable {kind} ({exc})")
                 complete = False
@@ -409,10 +238,10 @@ def verify_shards(directory: str | Path) -> list[str]:
             if scan.num_samples != want:
                 problems.append(f"{name}: {want} samples expected, {scan.num_samples} found")
                 complete = False  # split-level counts would only repeat this problem
-            for p in scan.problems[:_MAX_SAMPLE_PROBLEMS]:
+            for p in scan.problems[:MAX_SAMPLE_PROBLEMS]:
                 problems.append(f"{name}: {p}")
-            if len(scan.problems) > _MAX_SAMPLE_PROBLEMS:
-                more = len(scan.problems) - _MAX_SAMPLE_PROBLEMS
+            if len(scan.problems) > MAX_SAMPLE_PROBLEMS:
+                more = len(scan.problems) - MAX_SAMPLE_PROBLEMS
                 problems.append(f"{name}: ... and {more} more bad samples")
             cc += scan.class_counts
             if gcc is not None:

@@ -1,0 +1,197 @@
+"""Sample decoding and the bad-data rules: the one place both shard readers (streamed and in
+memory) learn what a well-formed sample is, how an image is decoded, and what a bad sample costs.
+
+A *bad sample* -- its image does not decode, its ``cls`` (or ``grp``) is not an integer in range,
+or it lacks a member (image, ``cls``, ``idx``) -- is skipped and counted under
+``data.bad_data=skip`` or is a one-line error under ``error``; ``data.max_bad_fraction`` bounds
+the skipping. A damaged shard (its bytes are not what the manifest describes) is never a bad
+sample: see abdist/data/manifest.py.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+
+import torch
+from torch import Tensor
+
+from abdist.errors import UserError
+
+# Categories of bad samples, the keys of ShardSplit.bad_sample_counts (plus "total"). A shard whose
+# bytes cannot be read is no bad sample but a damaged file: always an error (see the docstring).
+BAD_REASONS = ("decode", "label", "missing")
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_BAD_WARNINGS = 20  # per split and load: a badly broken shard must not flood the log
+
+
+class BadSampleWarning(UserWarning):
+    """A bad sample was skipped (``bad_data="skip"``); the message names the shard and key."""
+
+
+class BadSample(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def short_error(exc: BaseException) -> str:
+    """One line of an exception message, without torchvision's 'func, file.cpp:NN, ' prefix or
+    PIL's object address ('cannot identify image file <_io.BytesIO object at 0x...>')."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    parts = text.split(", ")
+    if len(parts) > 2 and ".cpp:" in parts[1]:
+        text = ", ".join(parts[2:])
+    text = re.sub(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text)
+    return text[:160]
+
+
+def sample_fields(
+    fields: dict, num_classes: int, num_groups: int | None
+) -> tuple[bytes, int, int, int]:
+    """``(image bytes, label, idx, group)`` of a sample's members, or :class:`BadSample`.
+
+    The one definition of a well-formed sample, shared by the streaming and the in-memory
+    readers: an image member (jpg, jpeg, png, webp), ``cls`` an integer in ``[0, C)``, ``idx`` an
+    integer, and (when the manifest lists groups) ``grp`` an integer in ``[0, G)``; group 0
+    without groups.
+    """
+    data = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+    if data is None:
+        raise BadSample("missing", f"no image member (.{'/.'.join(IMAGE_EXTS)})")
+    for member in ("cls", "idx"):
+        if member not in fields:
+            raise BadSample("missing", f"no .{member} member")
+    try:
+        label = int(fields["cls"])
+    except ValueError:
+        raise BadSample("label", f"label {fields['cls'][:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise BadSample("label", f"label {label} outside [0, {num_classes})")
+    try:
+        idx = int(fields["idx"])
+    except ValueError:
+        raise BadSample("missing", f"idx {fields['idx'][:20]!r} is not an integer") from None
+    if num_groups is None:
+        return data, label, idx, 0
+    if "grp" not in fields:
+        raise BadSample("missing", "no .grp member (the manifest lists groups)")
+    try:
+        group = int(fields["grp"])
+    except ValueError:
+        raise BadSample("label", f"group {fields['grp'][:20]!r} is not an integer") from None
+    if not 0 <= group < num_groups:
+        raise BadSample("label", f"group {group} outside [0, {num_groups})")
+    return data, label, idx, group
+
+
+def warn_skipped(
+    warned: int, shard: str, key: str, reason: str, detail: str, *, stacklevel: int
+) -> int:
+    """Warn that a bad sample was skipped, unless ``warned`` (the warnings given so far by this
+    reader) reached MAX_BAD_WARNINGS; the last one says that further ones are only counted.
+    Returns the new count. Both readers warn through here: one message, one cap."""
+    if warned >= MAX_BAD_WARNINGS:
+        return warned
+    warned += 1
+    more = "; further bad samples are only counted (bad_sample_counts)"
+    warnings.warn(
+        f"skipped bad sample '{key}' in shard {shard} ({reason}: {detail})"
+        f"{more if warned == MAX_BAD_WARNINGS else ''}",
+        BadSampleWarning,
+        stacklevel=stacklevel,
+    )
+    return warned
+
+
+def bad_sample_error(key: str, shard: str, detail: str) -> UserError:
+    """The one-line error for a bad sample under ``bad_data="error"`` (both readers)."""
+    return UserError(
+        f"bad sample '{key}' in shard {shard}: {detail} "
+        "(bad_data='error'; bad_data='skip' skips and counts such samples)"
+    )
+
+
+def over_bad_limit(bad: int, of: int, limit: float | None) -> bool:
+    """Whether ``bad`` skipped samples of ``of`` exceed the share ``limit`` (None: no limit)."""
+    return limit is not None and bad > 0 and bad / max(of, bad) > limit
+
+
+def too_many_bad(
+    split: str,
+    bad: int,
+    of: int,
+    limit: float,
+    counts: dict[str, int],
+    where: str = "",
+    so_far: bool = False,
+) -> UserError:
+    """The one-line error when skipped samples exceed ``max_bad_fraction`` (both readers);
+    ``so_far``: counted part-way through a pass (the streaming reader stops at once)."""
+    reasons = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
+    at_least = "at least " if so_far else ""
+    return UserError(
+        f"{at_least}{bad} of {of} samples of split '{split}'{where} are unreadable (skipped as "
+        f"bad: {reasons}), more than the limit data.max_bad_fraction={limit:g} allows "
+        f"({math.floor(limit * of + 1e-9)}); repair or re-prepare the data (`abdist verify` "
+        "checks it), or raise data.max_bad_fraction"
+    )
+
+
+def decode_image(data: bytes, channels: int, decoder: str) -> Tensor:
+    """Encoded bytes -> uint8 ``[channels, H, W]``."""
+    if decoder == "torchvision":
+        try:
+            from torchvision.io import ImageReadMode, decode_image
+        except ImportError:  # a future torchvision without image decoders: PIL below
+            decode_image = None
+        if decode_image is not None:
+            mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+            try:
+                # torchvision 0.29 deprecates its decoders (in favour of TorchCodec) with a
+                # warning per call; they are still the fastest here, and PIL takes over when
+                # they go.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                    image = decode_image(buffer, mode=mode)
+                if image.ndim == 3:
+                    return image
+            except (RuntimeError, ValueError):
+                pass  # not a format torchvision decodes, or corrupt: PIL has the last word
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise BadSample("decode", f"image does not decode ({short_error(e)})") from None
+    image = torch.from_numpy(array.copy())
+    return image.permute(2, 0, 1) if image.ndim == 3 else image.unsqueeze(0)
+
+
+def preload_decoders(decoder: str) -> None:
+    """Import the decoders here, so forked workers inherit them instead of each importing them
+    again at every pass (seconds per worker on a busy 2-core machine)."""
+    import PIL.Image  # noqa: F401
+
+    if decoder == "torchvision":
+        try:
+            import torchvision.io  # noqa: F401
+        except ImportError:
+            pass
+
+
+def fit_image(image: Tensor, height: int, width: int) -> Tensor:
+    """Resize the shorter side to cover ``height x width``, then centre crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = image.shape[-2:]
+    scale = max(height / h, width / w)
+    size = [max(height, round(h * scale)), max(width, round(w * scale))]
+    return TF.center_crop(TF.resize(image, size, antialias=True), [height, width])
