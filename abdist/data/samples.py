@@ -175,6 +175,18 @@ def decode_image(data: bytes, channels: int, decoder: str) -> Tensor:
     return image.permute(2, 0, 1) if image.ndim == 3 else image.unsqueeze(0)
 
 
+def decode_sample(
+    data: bytes, channels: int, size: tuple[int, int] | None, decoder: str = "torchvision"
+) -> Tensor:
+    """The one decode of a sample's image, for every reader: bytes -> uint8 ``[channels, H, W]``,
+    resized (shorter side) and centre-cropped to ``size`` = (H, W) when it differs (None: as
+    stored). Raises :class:`BadSample` ("decode") when the bytes are no image."""
+    image = decode_image(data, channels, decoder)
+    if size is not None and tuple(image.shape[-2:]) != tuple(size):
+        image = fit_image(image, *size)
+    return image
+
+
 def preload_decoders(decoder: str) -> None:
     """Import the decoders here, so forked workers inherit them instead of each importing them
     again at every pass (seconds per worker on a busy 2-core machine)."""

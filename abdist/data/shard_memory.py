@@ -13,11 +13,14 @@ Nothing is trained on data that is not what ``abdist prepare`` wrote:
   it (re-run ``abdist prepare``; ``abdist verify`` lists every problem), whatever ``bad_data``
   says. All files are looked up (one ``stat`` each) before anything is decoded.
 - A *bad sample* (its image does not decode, a label or group out of range, a member missing:
-  :func:`abdist.data.loader.sample_fields`, the same rule as the streaming reader) follows
+  :func:`abdist.data.samples.sample_fields`, the same rule as the streaming reader) follows
   ``bad_data`` exactly as streamed: ``"skip"`` leaves it out, warns
-  (:class:`~abdist.data.loader.BadSampleWarning`) and counts it; ``"error"`` stops with one line
+  (:class:`~abdist.data.samples.BadSampleWarning`) and counts it; ``"error"`` stops with one line
   naming shard and key. More skipped samples than ``max_bad_fraction`` of a split stop the load.
 - An FFCV directory (``--format ffcv``) is refused in one line.
+- Images decode exactly as streamed (:func:`abdist.data.samples.decode_sample`: torchvision,
+  PIL as fallback; fitted to the manifest's ``image.size`` when a file's size differs), so
+  ``data.in_memory=true`` and ``false`` see the same pixels.
 
 Skipped samples are reported like the streaming loader's: the bundle then has
 ``bad_sample_counts``, and each full pass over a split adds that split's skipped count, so the
@@ -49,7 +52,7 @@ from abdist.data.samples import (
     BAD_REASONS,
     BadSample,
     bad_sample_error,
-    decode_image,
+    decode_sample,
     over_bad_limit,
     sample_fields,
     too_many_bad,
@@ -137,6 +140,10 @@ def _read_split(
     """Decoded images ([C, H, W] uint8), labels, sample ids, groups (empty without groups) and
     the skipped counts by reason of one split, every shard checked against the manifest."""
     channels = manifest["image"]["channels"]
+    # The streamed reader's decode: the same decoder, and images whose size differs from the
+    # manifest's fixed image.size fitted to it (without one, sizes must agree; see below).
+    fixed = manifest["image"].get("size")
+    size = (int(fixed), int(fixed)) if fixed else None
     num_classes = len(manifest["class_names"])
     num_groups = len(manifest["group_names"]) if manifest.get("group_names") else None
     images, labels, ids, groups = [], [], [], []
@@ -156,7 +163,7 @@ def _read_split(
                 found += 1
                 try:
                     image, label, idx, group = sample_fields(fields, num_classes, num_groups)
-                    arr = decode_image(image, channels, "pil").numpy()
+                    arr = decode_sample(image, channels, size).numpy()
                 except BadSample as bad:
                     skips.note(skipped, path, key, bad)
                     continue

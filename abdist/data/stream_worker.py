@@ -22,8 +22,7 @@ from abdist.data.planning import derive_seed, slot_range, stream_segments
 from abdist.data.samples import (
     BadSample,
     bad_sample_error,
-    decode_image,
-    fit_image,
+    decode_sample,
     sample_fields,
     short_error,
 )
@@ -186,9 +185,7 @@ class SlotRun:
         src = self.src
         try:
             data, label, idx, group = sample_fields(fields, src.num_classes, src.num_groups)
-            image = decode_image(data, src.channels, src.decoder)
-            if image.shape[-2:] != (src.height, src.width):
-                image = fit_image(image, src.height, src.width)
+            image = decode_sample(data, src.channels, (src.height, src.width), src.decoder)
         except BadSample as e:
             self.bad.add((i, pos))
             self.report(e.reason, src.shards[i], key, e.detail)

@@ -1,0 +1,143 @@
+"""The split contract: what the training loop relies on from every data backend, checked the same
+way on each (in memory, WebDataset streamed with 0 and 2 workers, FFCV where installed).
+
+A new backend is added to BACKENDS and passes this file, or it is not done. The data: a small
+image tree of JPEGs (colour and grayscale) and PNGs with a group per file, prepared once per
+format with the same options and seed, so every backend serves the same samples.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from abdist.data.ffcv_backend import FFCVSplit
+from abdist.data.loader import ShardSplit
+from abdist.data.prepare import PrepareOptions, prepare
+from abdist.data.shard_memory import load_shards_in_memory
+from abdist.errors import UserError
+from tests.test_ffcv import HAVE_FFCV, make_tree
+
+BACKENDS = ["memory", "wds0", "wds2", "ffcv"]
+B = 8  # global training batch
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("contract")
+    csv = make_tree(base / "tree")
+    out = {}
+    for fmt in ("wds", "ffcv") if HAVE_FFCV else ("wds",):
+        opts = PrepareOptions(format=fmt, groups=str(csv), val=0.25, seed=3)
+        prepare(str(base / "tree"), base / fmt, opts)
+        out[fmt] = base / fmt
+    return out
+
+
+def open_split(backend: str, dirs, name: str, rank: int = 0, world_size: int = 1):
+    if backend == "memory":
+        split = getattr(load_shards_in_memory(dirs["wds"]), name)
+        return split if world_size == 1 else _RankView(split, rank, world_size)
+    if backend.startswith("wds"):
+        workers = int(backend[3:])
+        return ShardSplit(dirs["wds"], name, rank=rank, world_size=world_size,
+                          num_workers=workers, multiprocessing_context="fork")  # fmt: skip
+    if not HAVE_FFCV:
+        pytest.skip("ffcv is not installed (optional extra)")
+    return FFCVSplit(dirs["ffcv"], name, rank=rank, world_size=world_size, num_workers=1)
+
+
+class _RankView:
+    """A TensorSplit as rank `rank` serves it: the trainer passes rank/world_size per call."""
+
+    def __init__(self, split, rank, world_size):
+        self.split, self.rank, self.world_size = split, rank, world_size
+
+    def __len__(self):
+        return len(self.split)
+
+    def num_batches(self, batch_size, drop_last=False):
+        return self.split.num_batches(batch_size, drop_last)
+
+    def batches(self, batch_size, **kw):
+        return self.split.batches(batch_size, rank=self.rank, world_size=self.world_size, **kw)
+
+    def shard(self, rank, world_size):
+        return self.split.shard(rank, world_size)
+
+
+def _eval_pass(split, **kw):
+    """{id: (image, label)} of one evaluation pass; an id met twice fails."""
+    seen = {}
+    for x, y, ids in split.batches(5, shuffle=False, with_ids=True, **kw):
+        for image, label, i in zip(x, y.tolist(), ids.tolist()):
+            assert i not in seen, f"sample {i} yielded twice"
+            seen[i] = (image, label)
+    return seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_evaluation_sample_exactly_once_across_ranks(backend, dirs):
+    whole = open_split(backend, dirs, "test")
+    one = _eval_pass(whole)
+    assert sorted(one) == list(range(len(whole)))
+    parts = [_eval_pass(open_split(backend, dirs, "test", r, 3).shard(r, 3)) for r in range(3)]
+    assert sum(len(p) for p in parts) == len(one)
+    merged = {i: v for p in parts for i, v in p.items()}
+    assert sorted(merged) == sorted(one)
+    assert all(torch.equal(merged[i][0], one[i][0]) and merged[i][1] == one[i][1] for i in one)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_pixels_labels_and_ids_as_the_in_memory_split(backend, dirs):
+    reference = _eval_pass(open_split("memory", dirs, "val"))
+    got = _eval_pass(open_split(backend, dirs, "val"))
+    assert sorted(got) == sorted(reference)
+    std = torch.tensor(open_split("wds0", dirs, "val").std).view(-1, 1, 1)
+    for i, (image, label) in got.items():
+        assert label == reference[i][1]
+        levels = (image - reference[i][0]).abs() * std * 255  # in uint8 steps
+        if backend != "ffcv":
+            # One decoder for the WebDataset paths: JPEG and PNG give the same pixels.
+            assert levels.max() < 1e-3, f"sample {i}"
+        else:
+            # FFCV decodes JPEGs with its own decoder: measured here up to 4 levels per pixel,
+            # mean <= 1.1 (0 on raw-pixel samples). Bounded, not equal, until FFCV goes through
+            # the shared decoder (issue 13, item 3).
+            assert levels.max() <= 6 and levels.mean() <= 1.5, f"sample {i}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_training_batches_on_every_rank_and_deterministic(backend, dirs):
+    def epoch(rank, world_size, seed):
+        split = open_split(backend, dirs, "train", rank, world_size)
+        gen = torch.Generator().manual_seed(seed)
+        return [(x, y, ids) for x, y, ids in split.batches(
+            B, shuffle=True, generator=gen, drop_last=True, with_ids=True)]  # fmt: skip
+
+    n = open_split(backend, dirs, "train").num_batches(B, drop_last=True)
+    ranks = [epoch(r, 2, seed=5) for r in range(2)]
+    assert [len(r) for r in ranks] == [n, n] and n > 0
+    assert all(len(y) == B // 2 for r in ranks for _, y, _ in r)
+    again = epoch(0, 2, seed=5)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(ranks[0], again))
+    other = epoch(0, 2, seed=6)
+    assert any(not torch.equal(a[2], b[2]) for a, b in zip(ranks[0], other))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_groups_when_asked_match_each_sample(backend, dirs):
+    reference = {}
+    for _, y, ids, g in open_split("memory", dirs, "train").batches(
+        5, shuffle=False, with_ids=True, with_groups=True
+    ):
+        reference.update(zip(ids.tolist(), zip(y.tolist(), g.tolist())))
+    split = open_split(backend, dirs, "train")
+    if backend == "ffcv":
+        with pytest.raises(UserError, match="group ids"):
+            next(iter(split.batches(5, shuffle=False, with_groups=True)))
+        pytest.xfail("the FFCV reader yields no group ids yet (issue 13, item 3)")
+    got = {}
+    for _, y, ids, g in split.batches(5, shuffle=False, with_ids=True, with_groups=True):
+        got.update(zip(ids.tolist(), zip(y.tolist(), g.tolist())))
+    assert got == reference and len({g for _, g in got.values()}) == 2
