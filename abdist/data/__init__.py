@@ -22,7 +22,9 @@ def build_data(cfg, rank: int = 0, world_size: int = 1):
     if cfg.source == "shards":
         if not cfg.root:
             raise UserError("data.source=shards needs data.root (a directory from abdist prepare)")
-        if not cfg.in_memory:
+        from abdist.data.manifest import is_ffcv, read_manifest
+
+        if not cfg.in_memory or is_ffcv(read_manifest(cfg.root)):
             from abdist.data.streaming import load_shards_streaming
 
             return load_shards_streaming(cfg, rank, world_size)

@@ -95,7 +95,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from abdist.data.manifest import image_settings, manifest_class_counts, read_manifest, sha256_file
+from abdist.data.manifest import (
+    image_settings,
+    manifest_cell_counts,
+    manifest_class_counts,
+    read_manifest,
+    sha256_file,
+)
 from abdist.data.planning import (
     check_batch_size,
     epoch_batches,
@@ -123,15 +129,6 @@ FFCV_INSTALL_HINT = (
 PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's default; every sample must fit in one page
 FIELDS = ("image", "label", "index")  # + "group" when the dataset has groups
 _JPG, _RAW = 0, 1  # RGBImageField's modes
-
-
-def _refuse_groups(with_groups: bool) -> None:
-    """The FFCV reader does not yield group ids (yet): what needs them says so in one line."""
-    if with_groups:
-        raise UserError(
-            "the FFCV reader does not yield group ids yet; read group data with the WebDataset "
-            "shards (ShardSplit, or abdist train)"
-        )
 
 
 def require_ffcv():
@@ -408,6 +405,8 @@ class FFCVSplit:
         self._n = int(info["num_samples"])
         self._path = None
         self._labels = torch.zeros(0, dtype=torch.int64)
+        self._num_groups = len(manifest["group_names"]) if manifest.get("group_names") else None
+        self._groups = torch.zeros(0, dtype=torch.int64)  # group of each sample id
         self._loaders: dict[tuple, Any] = {}
         self._fixed = True
         if entries:
@@ -431,6 +430,11 @@ class FFCVSplit:
                 )
             cols = reader.metadata.dtype.names
             self._labels = torch.from_numpy(reader.metadata[cols[1]].astype(np.int64))
+            if self._num_groups is not None:  # looked up by the samples' index field
+                index = reader.metadata[cols[2]].astype(np.int64)
+                by_index = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
+                by_index[index] = reader.metadata[cols[3]]
+                self._groups = torch.from_numpy(by_index)
             heights, widths = reader.metadata[cols[0]]["height"], reader.metadata[cols[0]]["width"]
             self._fixed = bool((heights == self._size).all() and (widths == self._size).all())
         elif self._n:
@@ -456,6 +460,17 @@ class FFCVSplit:
     def class_counts(self) -> list[int]:
         """Samples per class in this split, from the manifest."""
         return manifest_class_counts(self.manifest, self.split, self.num_classes)
+
+    @property
+    def num_groups(self) -> int | None:
+        """Number of groups (prepared with ``--groups``), else None."""
+        return self._num_groups
+
+    def cell_counts(self) -> list[list[int]] | None:
+        """Samples per (group, class) in this split, from the manifest; None without groups."""
+        if self._num_groups is None:
+            return None
+        return manifest_cell_counts(self.manifest, self.split, self.num_classes)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -529,8 +544,9 @@ class FFCVSplit:
         max_batches: int | None = None,
         with_groups: bool = False,
     ) -> Iterator[tuple[Tensor, ...]]:
-        """Yield ``(x, y)`` (or ``(x, y, idx)`` with ``with_ids``) for one pass on this rank
-        (``with_groups=True``: a one-line error, as for the WebDataset reader).
+        """Yield ``(x, y)`` for one pass on this rank, then ``idx`` (the sample ids) with
+        ``with_ids`` and ``g`` (the group ids; prepared with ``--groups``) with ``with_groups``,
+        in ``ShardSplit.batches``' order.
 
         ``shuffle=True``: a training epoch of exactly :meth:`num_batches` full batches of
         ``batch_size / world_size`` samples (``batch_size`` is the GLOBAL batch), ordered and
@@ -541,7 +557,11 @@ class FFCVSplit:
         normalisation). ``rank`` / ``world_size`` serve another place than the split's own for
         this pass; ``max_batches`` stops after that many batches.
         """
-        _refuse_groups(with_groups)
+        if with_groups and self._num_groups is None:
+            raise UserError(
+                f"{self.root}: this directory was prepared without --groups and carries no "
+                "group ids (re-run abdist prepare with --groups CSV)"
+            )
         check_batch_size(batch_size)
         rank, world_size = resolve_rank(
             self.rank if rank is None else rank,
@@ -593,7 +613,10 @@ class FFCVSplit:
                     x, y, idx = x[:keep_last], y[:keep_last], idx[:keep_last]
                 if augment is not None:
                     x = augment(x, generator, y)
-                yield (x, y, idx) if with_ids else (x, y)
+                extra = [idx] if with_ids else []
+                if with_groups:  # the group column of the file's metadata, by sample id
+                    extra.append(self._groups[idx])
+                yield (x, y, *extra)
         finally:
             it.close()
             # An abandoned pass: let FFCV's thread stop (it checks every 0.5 s) before a next

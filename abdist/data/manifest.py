@@ -99,19 +99,17 @@ def require_wds_shards(root: str | Path, manifest: dict, splits: Iterable[str]) 
     """One-line ``UserError`` unless ``splits`` are stored as WebDataset ``.tar`` shards.
 
     An FFCV directory (``abdist prepare --format ffcv``: one ``{split}.beton`` per split, and
-    ``options.format == "ffcv"`` in its manifest) says so: ``abdist train`` reads WebDataset
-    shards, in memory and streamed alike.
+    ``options.format == "ffcv"`` in its manifest) says so: the WebDataset readers cannot read it
+    (``abdist train`` picks the FFCV reader for such a directory itself).
     """
     names = [e["name"] for split in splits for e in manifest["splits"][split]["shards"]]
-    everything = [e["name"] for info in manifest["splits"].values() for e in info["shards"]]
-    beton = [n for n in everything if n.endswith(".beton")]
-    if beton or (manifest.get("options") or {}).get("format") == "ffcv":
-        files = ", ".join(beton[:3]) or "no .tar shards"
+    if is_ffcv(manifest):
+        everything = [e["name"] for info in manifest["splits"].values() for e in info["shards"]]
+        files = ", ".join(n for n in everything if n.endswith(".beton")) or "no .tar shards"
         raise UserError(
             f"{root} is an FFCV directory (prepared with --format ffcv: {files}), not "
-            "WebDataset tar shards, which are what `abdist train` reads: prepare the data again "
-            "without --format ffcv, or read this directory in Python with "
-            "abdist.data.ffcv_backend.FFCVSplit"
+            "WebDataset tar shards: read it with abdist.data.ffcv_backend.FFCVSplit (abdist "
+            "train does so by itself), or prepare the data again without --format ffcv"
         )
     other = [n for n in names if not n.endswith(".tar")]
     if other:
@@ -119,6 +117,13 @@ def require_wds_shards(root: str | Path, manifest: dict, splits: Iterable[str]) 
             f"{root}: {other[0]} is not stored as WebDataset tar shards (.tar files); "
             "re-run `abdist prepare`"
         )
+
+
+def is_ffcv(manifest: dict) -> bool:
+    """Whether the directory was prepared with ``--format ffcv`` (one ``{split}.beton`` each)."""
+    everything = [e["name"] for info in manifest["splits"].values() for e in info["shards"]]
+    beton = any(n.endswith(".beton") for n in everything)
+    return beton or (manifest.get("options") or {}).get("format") == "ffcv"
 
 
 def damaged_shard(path: str | Path, problem: str) -> UserError:

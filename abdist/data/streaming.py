@@ -1,5 +1,8 @@
-"""Streaming shards for the trainer (``data.in_memory=false``): per-rank ShardSplit loaders behind
-the DataBundle surface the training loop uses (train/val/test, class metadata, with_val_merged).
+"""Streaming shards for the trainer (``data.in_memory=false``, and every FFCV directory): per-rank
+loaders behind the DataBundle surface the training loop uses (train/val/test, class metadata,
+with_val_merged) -- ``ShardSplit`` for WebDataset shards, ``FFCVSplit`` for a directory prepared
+with ``--format ffcv`` (chosen from its manifest; FFCV's page cache plays the in-memory role, so
+``data.in_memory`` does not apply to it).
 
 Everything the in-memory path does holds here too: ``train.batch_size`` is the global batch (each
 rank reads ``B / world_size`` of it), evaluation visits every sample once across ranks, and the
@@ -15,24 +18,28 @@ rehash the shards, is in :mod:`abdist.data.loader` ("Bad data").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from abdist.data.loader import ShardSplit
+from abdist.data.manifest import is_ffcv, read_manifest
 from abdist.data.memory import TensorSplit
 from abdist.errors import UserError
 
 
 @dataclass
 class StreamingBundle:
-    """Train/val/test as per-rank :class:`ShardSplit` loaders over one prepared directory."""
+    """Train/val/test as per-rank loaders over one prepared directory; `open_split(name)` opens
+    another split of it (e.g. "train+val") the same way."""
 
-    train: ShardSplit
-    val: ShardSplit | TensorSplit
-    test: ShardSplit
-    options: dict = field(repr=False)
+    train: Any  # ShardSplit | FFCVSplit
+    val: Any  # the same, or an empty TensorSplit after with_val_merged
+    test: Any
+    open_split: Callable[[str], Any] = field(repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -68,8 +75,7 @@ class StreamingBundle:
         """Train on the train and val shards together, with an empty validation split."""
         c, h, w = self.train.image_shape
         empty = TensorSplit(torch.zeros(0, c, h, w), torch.zeros(0, dtype=torch.int64))
-        train = ShardSplit(self.train.root, "train+val", **self.options)
-        return replace(self, train=train, val=empty)
+        return replace(self, train=self.open_split("train+val"), val=empty)
 
     @property
     def bad_sample_counts(self) -> dict[str, int]:
@@ -82,22 +88,43 @@ class StreamingBundle:
 
 
 def load_shards_streaming(cfg, rank: int, world_size: int) -> StreamingBundle:
-    """Per-rank loaders for the WebDataset shards at ``cfg.root`` (a DataConfig)."""
+    """Per-rank loaders for the prepared directory at ``cfg.root`` (a DataConfig): WebDataset
+    shards or, when its manifest says so, FFCV files."""
     root = Path(cfg.root)
-    options = dict(
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.workers,
-        shuffle_buffer=cfg.shuffle_buffer,
-        bad_data=cfg.bad_data,
-        max_bad_fraction=cfg.max_bad_fraction,
-    )
-    train = ShardSplit(root, "train", **options)
+    if is_ffcv(read_manifest(root)):
+        open_split = _ffcv_opener(root, cfg, rank, world_size)
+    else:
+        options = dict(
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.workers,
+            shuffle_buffer=cfg.shuffle_buffer,
+            bad_data=cfg.bad_data,
+            max_bad_fraction=cfg.max_bad_fraction,
+        )
+
+        def open_split(name: str) -> ShardSplit:
+            return ShardSplit(root, name, **options)
+
+    train = open_split("train")
     if len(train) == 0:
         raise UserError(f"{root}: the train split is empty; re-run `abdist prepare`")
-    return StreamingBundle(
-        train=train,
-        val=ShardSplit(root, "val", **options),
-        test=ShardSplit(root, "test", **options),
-        options=options,
-    )
+    return StreamingBundle(train, open_split("val"), open_split("test"), open_split)
+
+
+def _ffcv_opener(root: Path, cfg, rank: int, world_size: int) -> Callable[[str], Any]:
+    from abdist.data.ffcv_backend import FFCVSplit
+
+    # FFCV decodes in threads of this process: data.workers of them (at least one).
+    options = dict(rank=rank, world_size=world_size, num_workers=max(1, cfg.workers))
+
+    def open_split(name: str) -> FFCVSplit:
+        if "+" in name:
+            raise UserError(
+                f"{root}: training on {name} (train.merge_val, or AutoBalance's retrain) is not "
+                "supported on FFCV directories yet; prepare WebDataset shards for it, or set "
+                "autobalance.retrain=false / train.merge_val=false"
+            )
+        return FFCVSplit(root, name, **options)
+
+    return open_split
