@@ -203,7 +203,7 @@ def bench_ffcv(pairs=None, names=None, tmp: Path | None = None, args=None):
     FFCV's pipeline compilation (numba JIT, once per process and batch size, like (a)/(b)'s
     worker start-up), the second is steady state.
     """
-    from abdist.data.ffcv_backend import require_ffcv
+    from abdist.data.ffcv_files import require_ffcv
 
     try:
         require_ffcv()  # unlike a bare `import ffcv`, keeps torch's thread count
@@ -216,7 +216,8 @@ def bench_ffcv(pairs=None, names=None, tmp: Path | None = None, args=None):
     if pairs is None or tmp is None or args is None:
         return None, "no data given to the FFCV benchmark", None
     from abdist.data.augment import AugmentTable, ClassAwareAugment, RandomCropFlip
-    from abdist.data.ffcv_backend import FFCVSplit, write_ffcv_split
+    from abdist.data.ffcv_backend import FFCVSplit
+    from abdist.data.ffcv_files import write_ffcv_split
     from abdist.data.shards import Record
 
     root = tmp / "ffcv"

@@ -5,16 +5,11 @@ to the same bytes."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from abdist.data.prepare import PrepareOptions, prepare
-from tests.conftest import FAST, REPO, run_cli
+from tests.conftest import FAST, REPO, kill_at_first_checkpoint, run_cli
 from tests.test_ffcv import needs_ffcv
 
 pytestmark = needs_ffcv
@@ -62,16 +57,7 @@ def test_a_killed_ffcv_run_resumes_to_the_same_metrics(dirs, tmp_path):
     ref = run_cli("train", CE, "--out", tmp_path / "ref", *args)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "abdist", "train", str(CE), "--out", str(out), *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "latest").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before a checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint("train", CE, "--out", out, *args, checkpoints=out / "checkpoints")
     assert not (out / "metrics.json").exists(), "killed too late: the run had already finished"
     r = run_cli("train", CE, "--out", out, *args)
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr

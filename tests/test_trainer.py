@@ -1,9 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +6,7 @@ import pytest
 from abdist.config import load_config
 from abdist.engine.optim import lr_factor
 from abdist.engine.trainer import TrainingDiverged, train
-from tests.conftest import FAST, REPO, run_cli
+from tests.conftest import FAST, REPO, kill_at_first_checkpoint, run_cli
 
 
 def _optim(**kw):
@@ -92,17 +87,9 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_metrics(
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "abdist", "train", str(ce_config), "--out", str(out), *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
     phase = out / "search" if config.startswith("autobalance") else out
-    while not (phase / "checkpoints" / "latest").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before a checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint("train", ce_config, "--out", out, *args,
+                             checkpoints=phase / "checkpoints")  # fmt: skip
     assert not (out / "metrics.json").exists(), "killed too late: the run had already finished"
 
     r = run_cli("train", ce_config, "--out", out, *args)

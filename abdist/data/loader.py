@@ -5,87 +5,14 @@
 in-memory :class:`~abdist.data.memory.TensorSplit`: ``len(split)``, ``num_batches`` and
 ``batches``. Each rank builds its own ``ShardSplit(rank=r, world_size=W_r, num_workers=W)``.
 
-How samples are split (explicit node and worker splitting)
------------------------------------------------------------
-One pass lays the split's shards end to end (in a seeded random order for training, in manifest
-order for evaluation), which numbers every sample by a position ``0 .. N-1`` in that stream
-(shard sample counts come from the manifest). The ``world_size * num_workers`` (rank, worker)
-*slots* (slot = ``rank * num_workers + worker``) each get one contiguous range of positions, and a
-slot reads only the shards that overlap its range, skipping (not decoding) the samples before its
-start. Ranges are computed from the manifest alone, identically on every rank, so no
-communication is needed, and they work for ANY shard count: with fewer shards than slots several
-slots read disjoint parts of one shard (exact, at the cost of parsing the skipped tar headers).
+How samples are split over ranks and workers, for training epochs and evaluation passes, is
+abdist/data/planning.py's docstring; in short: every rank yields the same number of full training
+batches, and an evaluation pass yields every sample exactly once across ranks and workers.
 
-Training epoch (``batches(..., shuffle=True)``)
-    ``B`` is the GLOBAL batch (as for the in-memory ``TensorSplit``): every rank yields exactly
-    ``num_batches(B, drop_last)`` full batches of ``B / world_size`` samples (``B`` must divide):
-    ``ceil(N / B)``, or ``floor`` with ``drop_last``. The same on all ranks,
-    whatever the shard layout, so DDP never waits on a rank that ran out. The rank's batches are
-    split over its workers (``n // W``, the first ``n % W`` workers one more) and each slot's
-    range is proportional to its quota of samples. A slot shuffles its range through a
-    ``shuffle_buffer`` of encoded samples; when the range is exhausted before the quota (the
-    last partial batch, or skipped bad samples) it reads its range again (repeat), and it stops
-    as soon as the quota is met (truncate). So an epoch is one pass over the split in which every
-    sample is drawn once across all ranks, plus fewer than ``B`` repeats to fill the last batches
-    (or minus fewer than ``B`` dropped samples with ``drop_last``).
-    The shard order, the ranges, the shuffle buffers and the workers' augmentation randomness all
-    derive from one seed drawn from ``generator``: the same generator state (and the same
-    ``world_size`` and ``num_workers``) reproduces the epoch exactly. The generator must be in the
-    same state on every rank (the trainer's ``(seed, epoch)`` generator is), or the ranges of
-    different ranks would be cut from differently shuffled streams.
-
-Evaluation pass (``batches(..., shuffle=False)``)
-    Manifest order, ranges of ``N / slots`` samples, no repeats, no padding: every sample is
-    yielded exactly once across all ranks and workers; a worker's last batch may be short and
-    ranks may get different numbers of batches (evaluation has no per-batch collective). Pass
-    ``with_ids=True`` to get ``(x, y, idx)`` with the sample indices (the ``idx`` field), to gather
-    predictions across ranks or to check coverage.
-
-Images
-    Decoded with ``torchvision.io.decode_image`` (libjpeg-turbo / libpng; about 3x faster than
-    PIL on 32x32 JPEGs here), falling back to PIL for other formats and when torchvision drops
-    these decoders (deprecated since 0.29 in favour of TorchCodec); ``decoder="pil"`` uses PIL
-    only. Then converted to the manifest's channel count, and resized (shorter side) + centre
-    cropped to ``image_size`` when a file's size differs. Transforms see float32 ``[B, C, H, W]``
-    in ``[0, 1]``: training applies ``augment(x, y, generator)`` (e.g. a
-    :class:`~abdist.data.augment.ClassAwareAugment`), evaluation ``eval_transform(x)``, both in
-    the worker on whole batches. Then ``x = (x - mean[c]) / std[c]``, with ``mean``/``std`` from
-    the constructor, else the manifest's ``image.mean`` / ``image.std`` if it has them (per
-    channel, on the [0, 1] scale, meant to be the training split's statistics; ``abdist prepare``
-    does not write them yet), else 0.5 / 0.5, which maps [0, 1] to [-1, 1]. Fixed values rather
-    than statistics computed here: every rank and every run must normalise identically, and a
-    pass over the data at start-up would cost an epoch of decoding.
-
-Bad data
-    A *bad sample* -- its image does not decode, its ``cls`` (or ``grp``) is not an integer in
-    range, or it lacks a member (image, ``cls``, ``idx``) -- is handled by ``bad_data``, exactly
-    as the in-memory loader (:mod:`abdist.data.shard_memory`) handles it: ``"skip"`` (default)
-    leaves it out, counts it in :attr:`ShardSplit.bad_sample_counts` and warns
-    (:class:`BadSampleWarning`) naming the shard and the key; ``"error"`` raises a one-line
-    :class:`~abdist.errors.UserError` with that location. Workers report bad samples *with the
-    batches they send*, so counting happens in the training process: no lost updates between
-    workers, counts that match what was consumed, and warnings where logging and tests can see
-    them. A sample is counted once per pass (epoch). ``max_bad_fraction``
-    (``data.max_bad_fraction``) bounds the skipping: when more than that share of the samples a
-    rank reads in one pass is bad, the pass stops with a one-line error saying how many of how
-    many (checked as the counts arrive, so a mostly broken split fails in its first batches, not
-    after an epoch of repeats).
-
-    A *damaged shard* is never skipped, whatever ``bad_data`` says: the file is not what the
-    manifest describes, so none of it can be trusted. What is checked, and when (nothing here
-    rehashes the data: the sha256 of every byte at every start or epoch would cost a pass over a
-    dataset too large for memory; ``abdist verify`` recomputes it, and the in-memory loader, which
-    reads whole files anyway, checks it on load):
-
-    - at construction, per shard, one ``stat``: the file exists and its size is a whole number of
-      512-byte tar blocks (a cut-off file usually is not);
-    - while reading: every tar header's checksum, members that end early, the end-of-archive
-      marker, and that a shard holds exactly the manifest's sample count (one header beyond the
-      last sample is parsed to see that nothing follows).
-
-    Each raises a one-line ``UserError`` naming the shard, saying it is damaged and to re-run
-    ``abdist prepare`` (``abdist verify`` lists every problem). An FFCV directory
-    (``--format ffcv``) is refused at construction in one line as well.
+Images and bad data
+    Decoding, normalisation and the bad-sample rules (``bad_data``, ``max_bad_fraction``, counts
+    and warnings) are abdist/data/samples.py's; which damage to a shard file is caught, and when,
+    is abdist/data/manifest.py's. A damaged shard is always a one-line error, never skipped.
 
 Why not ``webdataset.WebDataset``
     The shards are plain WebDataset tars (``webdataset`` reads them; tests write them with its
@@ -119,6 +46,7 @@ from abdist.data.manifest import (
     image_settings,
     manifest_cell_counts,
     manifest_class_counts,
+    manifest_num_groups,
     read_manifest,
     split_shards,
 )
@@ -127,23 +55,21 @@ from abdist.data.planning import (
     derive_seed,
     epoch_batches,
     local_batch,
+    rank_coverage,
     resolve_rank,
     seed_from,
     slot_range,
 )
 from abdist.data.samples import (
-    BAD_REASONS,
-    over_bad_limit,
+    BadSampleLedger,
+    PassBadLimit,
+    check_read_options,
     preload_decoders,
-    too_many_bad,
-    warn_skipped,
 )
 from abdist.data.stream_worker import StreamPass, StreamSource
 from abdist.errors import UserError
 
 __all__ = ["ShardSplit"]
-
-_MAX_RECORDS = 100  # bad_samples keeps the most recent ones
 
 
 # --- manifest -----------------------------------------------------------------------------------
@@ -220,18 +146,7 @@ class ShardSplit:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
-        if bad_data not in ("skip", "error"):
-            raise UserError(f"bad_data must be 'skip' or 'error', got {bad_data!r}")
-        if max_bad_fraction is not None and not (
-            isinstance(max_bad_fraction, (int, float))
-            and not isinstance(max_bad_fraction, bool)
-            and 0 <= max_bad_fraction <= 1
-        ):
-            raise UserError(
-                f"max_bad_fraction must be a number in [0, 1] or None, got {max_bad_fraction!r}"
-            )
-        if decoder not in ("torchvision", "pil"):
-            raise UserError(f"decoder must be 'torchvision' or 'pil', got {decoder!r}")
+        check_read_options(bad_data, max_bad_fraction, decoder)
 
         shards = split_shards(root, manifest, split)  # "train+val": end to end, checked
         channels, size, num_classes, mean, std = image_settings(
@@ -260,12 +175,10 @@ class ShardSplit:
             world_size=world_size,
             num_workers=num_workers,
             shuffle_buffer=shuffle_buffer,
-            num_groups=len(manifest["group_names"]) if manifest.get("group_names") else None,
+            num_groups=manifest_num_groups(manifest),
         )
         preload_decoders(decoder)
-        self._counts = dict.fromkeys(BAD_REASONS, 0)
-        self._records: list[dict[str, Any]] = []
-        self._warned = 0
+        self._bad = BadSampleLedger()  # shared with shard() views: one split, one tally
 
     # --- metadata
 
@@ -344,21 +257,12 @@ class ShardSplit:
     def bad_sample_counts(self) -> dict[str, int]:
         """Bad samples met by this rank so far, by reason, plus ``"total"`` (all workers, all
         passes; a sample counts once per pass). Sum over ranks for the run's figure."""
-        return {**self._counts, "total": sum(self._counts.values())}
+        return self._bad.counts
 
     @property
     def bad_samples(self) -> list[dict[str, Any]]:
         """The most recent bad samples (up to 100): reason, shard, key, detail, count."""
-        return list(self._records)
-
-    def _note(self, records: list[tuple]) -> None:
-        for reason, shard, key, detail, count in records:
-            self._counts[reason] += count
-            self._records.append(
-                {"reason": reason, "shard": shard, "key": key, "detail": detail, "count": count}
-            )
-            self._warned = warn_skipped(self._warned, shard, key, reason, detail, stacklevel=4)
-        del self._records[:-_MAX_RECORDS]
+        return list(self._bad.recent)
 
     # --- iteration
 
@@ -438,36 +342,16 @@ class ShardSplit:
         yielded, error = 0, None
         # max_bad_fraction: of the samples this rank's slots read in this pass (their ranges
         # partition the split over ranks), checked as the bad-sample records arrive.
-        covered = sum(
-            b - a
-            for a, b, _ in (
-                slot_range(src, train=shuffle, batch_size=size, n_batches=n_batches, worker=w)
-                for w in range(src.slots_per_rank)
-            )
+        where = (
+            f" read by rank {src.rank}/{src.world_size} in this pass" if src.world_size > 1 else ""
         )
-        pass_bad = dict.fromkeys(BAD_REASONS, 0)
+        limit = PassBadLimit(
+            self.split, rank_coverage(src, shuffle, size, n_batches), self.max_bad_fraction, where
+        )
         try:
             for kind, payload, records in items:
-                self._note(records)
-                if records and self.max_bad_fraction is not None:
-                    for reason, *_, count in records:
-                        pass_bad[reason] += count
-                    bad = sum(pass_bad.values())
-                    if over_bad_limit(bad, covered, self.max_bad_fraction):
-                        where = (
-                            f" read by rank {src.rank}/{src.world_size} in this pass"
-                            if src.world_size > 1
-                            else ""
-                        )
-                        raise too_many_bad(
-                            self.split,
-                            bad,
-                            covered,
-                            self.max_bad_fraction,
-                            pass_bad,
-                            where,
-                            so_far=True,
-                        )
+                self._bad.note(records)
+                limit.add(records)
                 if kind == "error":
                     error = payload
                     break

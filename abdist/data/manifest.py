@@ -2,10 +2,21 @@
 (parts such as "train+val" end to end), class and cell counts, image settings, and the checks
 that a shard file is the one the manifest describes.
 
-A *damaged shard* is never skipped, whatever ``data.bad_data`` says: the file is not what the
-manifest describes, so none of it can be trusted. At construction each shard gets one ``stat``
-(exists, whole 512-byte tar blocks); while reading, the tar reader checks headers and the sample
-count; the in-memory loader, which reads whole files anyway, checks the sha256.
+A *damaged shard* is never skipped, whatever ``bad_data`` says: the file is not what the
+manifest describes, so none of it can be trusted. What is checked, and when (nothing here
+rehashes the data: the sha256 of every byte at every start or epoch would cost a pass over a
+dataset too large for memory; ``abdist verify`` recomputes it, and the in-memory loader, which
+reads whole files anyway, checks it on load):
+
+- at construction, per shard, one ``stat``: the file exists and its size is a whole number of
+  512-byte tar blocks (a cut-off file usually is not);
+- while reading: every tar header's checksum, members that end early, the end-of-archive
+  marker, and that a shard holds exactly the manifest's sample count (one header beyond the
+  last sample is parsed to see that nothing follows).
+
+Each raises a one-line ``UserError`` naming the shard, saying it is damaged and to re-run
+``abdist prepare`` (``abdist verify`` lists every problem). An FFCV directory
+(``--format ffcv``) is refused at construction in one line as well.
 """
 
 from __future__ import annotations
@@ -22,8 +33,6 @@ from typing import Any
 from abdist.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
-
-
 MANIFEST_FORMAT = "abdist-shards/1"
 
 
@@ -267,6 +276,11 @@ def split_shards(root: Path, manifest: dict, split: str) -> tuple[ShardFile, ...
             f"shards hold {total}"
         )
     return tuple(shards)
+
+
+def manifest_num_groups(manifest: dict) -> int | None:
+    """Number of groups (prepared with ``--groups``), else None."""
+    return len(manifest["group_names"]) if manifest.get("group_names") else None
 
 
 def manifest_cell_counts(manifest: dict, split: str, num_classes: int) -> list[list[int]]:

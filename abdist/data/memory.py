@@ -128,6 +128,7 @@ class TensorSplit:
             order = torch.randperm(n, generator=generator, device=device).to(self.images.device)
         else:
             order = None
+        ids = self.sample_ids if with_ids else None  # once per pass, not per batch
         for b in range(n_batches):
             start, stop = b * batch_size, min((b + 1) * batch_size, n)
             lo, hi = _rank_slice(stop - start, rank, world_size)
@@ -135,7 +136,7 @@ class TensorSplit:
                 start, stop, lo, hi = start + lo, start + hi, 0, hi - lo
             idx = slice(start, stop) if order is None else order[start:stop]
             x, y = self.images[idx], self.labels[idx]
-            extra = [self.sample_ids[idx]] if with_ids else []
+            extra = [ids[idx]] if with_ids else []
             if with_groups:
                 extra.append(self.groups[idx])
             if augment is not None:

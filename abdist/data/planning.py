@@ -1,11 +1,40 @@
 """Planning a pass over shards: pure arithmetic over the manifest's sample counts.
 
-One pass lays the split's shards end to end, numbering every sample by a position 0..N-1; the
-``world_size * num_workers`` (rank, worker) slots each get one contiguous range of positions,
-computed identically on every rank from the manifest alone (no communication). Training: every
-rank gets the same number of full batches, split over its workers; evaluation: ranges of
-N / slots samples, so every sample is read exactly once across ranks and workers. The full
-account is in abdist/data/loader.py's docstring.
+How samples are split (explicit node and worker splitting)
+-----------------------------------------------------------
+One pass lays the split's shards end to end (in a seeded random order for training, in manifest
+order for evaluation), which numbers every sample by a position ``0 .. N-1`` in that stream
+(shard sample counts come from the manifest). The ``world_size * num_workers`` (rank, worker)
+*slots* (slot = ``rank * num_workers + worker``) each get one contiguous range of positions, and a
+slot reads only the shards that overlap its range, skipping (not decoding) the samples before its
+start. Ranges are computed from the manifest alone, identically on every rank, so no
+communication is needed, and they work for ANY shard count: with fewer shards than slots several
+slots read disjoint parts of one shard (exact, at the cost of parsing the skipped tar headers).
+
+Training epoch (``batches(..., shuffle=True)``)
+    ``B`` is the GLOBAL batch (as for the in-memory ``TensorSplit``): every rank yields exactly
+    ``num_batches(B, drop_last)`` full batches of ``B / world_size`` samples (``B`` must divide):
+    ``ceil(N / B)``, or ``floor`` with ``drop_last``. The same on all ranks,
+    whatever the shard layout, so DDP never waits on a rank that ran out. The rank's batches are
+    split over its workers (``n // W``, the first ``n % W`` workers one more) and each slot's
+    range is proportional to its quota of samples. A slot shuffles its range through a
+    ``shuffle_buffer`` of encoded samples; when the range is exhausted before the quota (the
+    last partial batch, or skipped bad samples) it reads its range again (repeat), and it stops
+    as soon as the quota is met (truncate). So an epoch is one pass over the split in which every
+    sample is drawn once across all ranks, plus fewer than ``B`` repeats to fill the last batches
+    (or minus fewer than ``B`` dropped samples with ``drop_last``).
+    The shard order, the ranges, the shuffle buffers and the workers' augmentation randomness all
+    derive from one seed drawn from ``generator``: the same generator state (and the same
+    ``world_size`` and ``num_workers``) reproduces the epoch exactly. The generator must be in the
+    same state on every rank (the trainer's ``(seed, epoch)`` generator is), or the ranges of
+    different ranks would be cut from differently shuffled streams.
+
+Evaluation pass (``batches(..., shuffle=False)``)
+    Manifest order, ranges of ``N / slots`` samples, no repeats, no padding: every sample is
+    yielded exactly once across all ranks and workers; a worker's last batch may be short and
+    ranks may get different numbers of batches (evaluation has no per-batch collective). Pass
+    ``with_ids=True`` to get ``(x, y, idx)`` with the sample indices (the ``idx`` field), to gather
+    predictions across ranks or to check coverage.
 """
 
 from __future__ import annotations
@@ -55,6 +84,15 @@ def slot_range(src: Layout, *, train: bool, batch_size: int, n_batches: int, wor
         return 0, 0, 0
     before = src.rank * n_batches * batch_size + sum(quota[:worker])
     return n * before // total, n * (before + quota[worker]) // total, quota[worker] // batch_size
+
+
+def rank_coverage(src: Layout, train: bool, batch_size: int, n_batches: int) -> int:
+    """Positions this rank's slots read in one pass (the ranks' ranges partition the split)."""
+    ranges = (
+        slot_range(src, train=train, batch_size=batch_size, n_batches=n_batches, worker=w)
+        for w in range(src.slots_per_rank)
+    )
+    return sum(b - a for a, b, _ in ranges)
 
 
 def stream_segments(src: Layout, order: list[int], a: int, b: int) -> list[tuple[int, int, int]]:

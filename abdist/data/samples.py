@@ -6,6 +6,36 @@ or it lacks a member (image, ``cls``, ``idx``) -- is skipped and counted under
 ``data.bad_data=skip`` or is a one-line error under ``error``; ``data.max_bad_fraction`` bounds
 the skipping. A damaged shard (its bytes are not what the manifest describes) is never a bad
 sample: see abdist/data/manifest.py.
+
+Images (the streamed reader, ``ShardSplit``)
+    Decoded with ``torchvision.io.decode_image`` (libjpeg-turbo / libpng; about 3x faster than
+    PIL on 32x32 JPEGs here), falling back to PIL for other formats and when torchvision drops
+    these decoders (deprecated since 0.29 in favour of TorchCodec); ``decoder="pil"`` uses PIL
+    only. Then converted to the manifest's channel count, and resized (shorter side) + centre
+    cropped to ``image_size`` when a file's size differs. Transforms see float32 ``[B, C, H, W]``
+    in ``[0, 1]``: training applies ``augment(x, y, generator)`` (e.g. a
+    :class:`~abdist.data.augment.ClassAwareAugment`), evaluation ``eval_transform(x)``, both in
+    the worker on whole batches. Then ``x = (x - mean[c]) / std[c]``, with ``mean``/``std`` from
+    the constructor, else the manifest's ``image.mean`` / ``image.std`` if it has them (per
+    channel, on the [0, 1] scale, meant to be the training split's statistics; ``abdist prepare``
+    does not write them yet), else 0.5 / 0.5, which maps [0, 1] to [-1, 1]. Fixed values rather
+    than statistics computed here: every rank and every run must normalise identically, and a
+    pass over the data at start-up would cost an epoch of decoding.
+
+Bad samples
+    A *bad sample* -- its image does not decode, its ``cls`` (or ``grp``) is not an integer in
+    range, or it lacks a member (image, ``cls``, ``idx``) -- is handled by ``bad_data``, exactly
+    as the in-memory loader (:mod:`abdist.data.shard_memory`) handles it: ``"skip"`` (default)
+    leaves it out, counts it in :attr:`ShardSplit.bad_sample_counts` and warns
+    (:class:`BadSampleWarning`) naming the shard and the key; ``"error"`` raises a one-line
+    :class:`~abdist.errors.UserError` with that location. Workers report bad samples *with the
+    batches they send*, so counting happens in the training process: no lost updates between
+    workers, counts that match what was consumed, and warnings where logging and tests can see
+    them. A sample is counted once per pass (epoch). ``max_bad_fraction``
+    (``data.max_bad_fraction``) bounds the skipping: when more than that share of the samples a
+    rank reads in one pass is bad, the pass stops with a one-line error saying how many of how
+    many (checked as the counts arrive, so a mostly broken split fails in its first batches, not
+    after an epoch of repeats).
 """
 
 from __future__ import annotations
@@ -106,6 +136,72 @@ def warn_skipped(
         stacklevel=stacklevel,
     )
     return warned
+
+
+def check_read_options(
+    bad_data: str, max_bad_fraction: float | None, decoder: str = "torchvision"
+) -> None:
+    """One-line errors for reader options out of range (both shard readers)."""
+    if bad_data not in ("skip", "error"):
+        raise UserError(f"bad_data must be 'skip' or 'error', got {bad_data!r}")
+    if max_bad_fraction is not None and not (
+        isinstance(max_bad_fraction, (int, float))
+        and not isinstance(max_bad_fraction, bool)
+        and 0 <= max_bad_fraction <= 1
+    ):
+        raise UserError(
+            f"max_bad_fraction must be a number in [0, 1] or None, got {max_bad_fraction!r}"
+        )
+    if decoder not in ("torchvision", "pil"):
+        raise UserError(f"decoder must be 'torchvision' or 'pil', got {decoder!r}")
+
+
+class BadSampleLedger:
+    """The bad samples a streamed split met, counted and warned about in the training process:
+    workers send their records with the batches, so no update between workers is lost."""
+
+    MAX_RECENT = 100  # `recent` keeps the newest ones
+
+    def __init__(self) -> None:
+        self._counts = dict.fromkeys(BAD_REASONS, 0)
+        self.recent: list[dict] = []
+        self.warned = 0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """By reason, plus ``"total"``."""
+        return {**self._counts, "total": sum(self._counts.values())}
+
+    def note(self, records: list[tuple]) -> None:
+        """Count and warn about ``(reason, shard, key, detail, count)`` records."""
+        for reason, shard, key, detail, count in records:
+            self._counts[reason] += count
+            self.recent.append(
+                {"reason": reason, "shard": shard, "key": key, "detail": detail, "count": count}
+            )
+            self.warned = warn_skipped(self.warned, shard, key, reason, detail, stacklevel=4)
+        del self.recent[: -self.MAX_RECENT]
+
+
+class PassBadLimit:
+    """``max_bad_fraction`` over one streamed pass: ``add`` the bad-sample records as they
+    arrive; more than the limit of the ``covered`` samples stops the pass with one line, so a
+    mostly broken split fails in its first batches, not after an epoch of repeats."""
+
+    def __init__(self, split: str, covered: int, limit: float | None, where: str = "") -> None:
+        self.split, self.covered, self.limit, self.where = split, covered, limit, where
+        self.counts = dict.fromkeys(BAD_REASONS, 0)
+
+    def add(self, records: list[tuple]) -> None:
+        if not records or self.limit is None:
+            return
+        for reason, *_, count in records:
+            self.counts[reason] += count
+        bad = sum(self.counts.values())
+        if over_bad_limit(bad, self.covered, self.limit):
+            raise too_many_bad(
+                self.split, bad, self.covered, self.limit, self.counts, self.where, so_far=True
+            )
 
 
 def bad_sample_error(key: str, shard: str, detail: str) -> UserError:

@@ -43,6 +43,7 @@ import torch
 from abdist.data.manifest import (
     check_shard_file,
     damaged_shard,
+    manifest_num_groups,
     read_manifest,
     read_shard_checked,
     require_wds_shards,
@@ -52,6 +53,7 @@ from abdist.data.samples import (
     BAD_REASONS,
     BadSample,
     bad_sample_error,
+    check_read_options,
     decode_sample,
     over_bad_limit,
     sample_fields,
@@ -145,7 +147,7 @@ def _read_split(
     fixed = manifest["image"].get("size")
     size = (int(fixed), int(fixed)) if fixed else None
     num_classes = len(manifest["class_names"])
-    num_groups = len(manifest["group_names"]) if manifest.get("group_names") else None
+    num_groups = manifest_num_groups(manifest)
     images, labels, ids, groups = [], [], [], []
     skipped = dict.fromkeys(BAD_REASONS, 0)
     for entry in manifest["splits"][split]["shards"]:
@@ -194,8 +196,7 @@ def load_shards_in_memory(
     ``bad_data`` and ``max_bad_fraction`` (None: no limit) are ``data.bad_data`` and
     ``data.max_bad_fraction``; see the module docstring for what is checked.
     """
-    if bad_data not in ("skip", "error"):
-        raise UserError(f"bad_data must be 'skip' or 'error', got {bad_data!r}")
+    check_read_options(bad_data, max_bad_fraction)
     root = Path(root)
     manifest = read_manifest(root)
     for split in SPLITS:

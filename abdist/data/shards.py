@@ -221,7 +221,7 @@ def verify_shards(directory: str | Path) -> list[str]:
                 )
             try:
                 if name.endswith(".beton"):  # --format ffcv: one FFCV file per split
-                    from abdist.data.ffcv_backend import scan_beton
+                    from abdist.data.ffcv_files import scan_beton
 
                     scan = scan_beton(path, split, num_classes, num_groups)
                 else:
