@@ -45,7 +45,8 @@ def test_train_reads_ffcv_from_the_manifest_with_the_webdataset_results_contract
     assert runs["ffcv"].keys() == runs["wds"].keys()
     assert runs["ffcv"]["groups"].keys() == runs["wds"]["groups"].keys()
     # Same data, different shuffles: after 3 short epochs both are well below chance (0.9
-    # balanced error) and near each other (measured 0.72 and 0.64).
+    # balanced error) and near each other (measured 0.724 and 0.642-0.644 under
+    # ATEN_CPU_CAPABILITY=default, avx2 and this machine's AVX-512 kernels).
     ffcv, wds = runs["ffcv"]["balanced_error"], runs["wds"]["balanced_error"]
     assert ffcv < 0.8 and wds < 0.8 and abs(ffcv - wds) < 0.2
     logs = [(tmp_path / f / "log.jsonl").read_text().splitlines() for f in ("ffcv", "wds")]
