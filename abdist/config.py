@@ -49,8 +49,31 @@ class DataConfig:
     )
     augment_pad: int = opt(1, lo=0, help="random-shift augmentation in pixels (0 = off)")
     augment_flip: bool = opt(False, help="random horizontal flip")
+    augment_ops: list = opt(
+        [],
+        help="class-aware RandAugment-style chain: ops among rotate, translate, brightness, "
+        "contrast, hflip, cutout ([] = no chain); see abdist/data/augment_chain.py",
+    )
+    augment_num_ops: int = opt(
+        2, lo=1, help="chain: distinct ops per augmented sample (at most all of augment_ops)"
+    )
     augment_prob: float = opt(
-        1.0, lo=0.0, hi=1.0, help="share of training samples augmented (AutoBalance can tune it)"
+        1.0,
+        lo=0.0,
+        hi=1.0,
+        help="chain: share of each class's training samples it runs on (AutoBalance: aug)",
+    )
+    augment_magnitude: float = opt(
+        0.5,
+        lo=0.0,
+        hi=1.0,
+        help="chain: strength in [0, 1], 1 = RandAugment's maximum (AutoBalance: aug_mag)",
+    )
+    augment_lag: int = opt(
+        4,
+        lo=0,
+        help="chain: batch b uses the per-class table as it stood after batch b-1-lag, so "
+        "loader workers may run lag batches ahead (see abdist/data/augment_table.py)",
     )
 
 
@@ -100,7 +123,7 @@ class AutoBalanceConfig:
 
     # AutoBalance: the loss preset in `loss` is the initialisation (ce: neutral, la: l = tau*log pi,
     # cdt: delta ~ (n/n_max)^gamma, vs: both); these keys say what is tuned and how.
-    tune: list = opt(["l", "delta"], help="subset of w, l, delta, aug")
+    tune: list = opt(["l", "delta"], help="subset of w, l, delta, aug, aug_mag")
     dictionary: str = opt(
         "per_class",
         choices=("per_class", "buckets", "interp"),
@@ -138,7 +161,7 @@ class AutoBalanceConfig:
     upper_lr: float = opt(0.05, lo=0.0, lo_open=True, help="learning rate of the loss parameters")
     upper_momentum: float = opt(0.9, lo=0.0, hi=1.0, help="upper_optim=sgd: momentum")
     clip: float = opt(1.0, lo=0.0, help="max norm of the hypergradient (0 = off)")
-    aug_init: float = opt(0.5, lo=0.0, hi=1.0, help="initial per-class augmentation prob.")
+    aug_init: float = opt(0.5, lo=0.0, hi=1.0, help="initial per-class chain probability")
     per_group: bool = opt(
         False, help="w, l, delta per (group, class) cell (in-memory data with groups; not aug)"
     )

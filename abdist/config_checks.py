@@ -26,6 +26,7 @@ def validate(cfg) -> None:
     for m in cfg.optim.milestones:
         if not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0:
             raise UserError(f"'optim.milestones' must be a list of epochs >= 0; got {m!r}")
+    _check_augment(cfg.data)
     if cfg.data.source == "digits" and not cfg.data.in_memory:
         raise UserError(
             "'data.in_memory=false' streams prepared shards; data.source=digits is always in "
@@ -45,6 +46,26 @@ def validate(cfg) -> None:
             f"'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds "
             f"'train.epochs' ({cfg.train.epochs}): set optim.warmup_epochs={cfg.train.epochs} "
             f"(or less), or train.epochs={math.ceil(cfg.optim.warmup_epochs)} (or more)"
+        )
+
+
+def _check_augment(data) -> None:
+    from abdist.data.augment_chain import check_ops
+
+    if data.augment_ops:
+        if not all(isinstance(op, str) for op in data.augment_ops):
+            raise UserError(
+                f"'data.augment_ops' must be a list of op names; got {data.augment_ops}"
+            )
+        try:
+            check_ops(data.augment_ops, data.augment_num_ops)
+        except UserError as e:
+            raise UserError(f"'data.augment_ops' / 'data.augment_num_ops': {e}") from None
+    elif data.augment_prob < 1:
+        raise UserError(
+            f"'data.augment_prob={data.augment_prob}' is the share of samples the class-aware "
+            "chain runs on, and no chain is configured: set data.augment_ops (e.g. "
+            "[rotate,brightness,contrast,cutout]) or drop data.augment_prob"
         )
 
 

@@ -45,17 +45,17 @@ def break_two_rank_path(how: str) -> None:
         init = replace(Coordinator, "__init__", no_reduce)
     elif how == "val_slice":
 
-        def same_slice(self, split, step, augment, shard=False):
+        def same_slice(self, split, step, shard=False):
             if split is self.data.val and shard:
                 rank = self.rank
                 self.rank = 0
                 try:
-                    return sample(self, split, step, augment, shard)
+                    return sample(self, split, step, shard)
                 finally:
                     self.rank = rank
-            return sample(self, split, step, augment, shard)
+            return sample(self, split, step, shard)
 
-        sample = replace(AutoBalance, "_sample_batches", same_slice)
+        sample = replace(AutoBalance, "sample_batches", same_slice)
     else:
         raise SystemExit(f"dist_helper: unknown ABDIST_TEST_BREAK={how!r}")
 

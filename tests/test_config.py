@@ -91,8 +91,18 @@ def test_cross_field_checks():
         load_config(None, ["data.in_memory=false"])
     with pytest.raises(UserError, match="autobalance.aug_init"):
         load_config(
-            None, ["method.name=autobalance", "autobalance.tune=[l,aug]", "data.augment_prob=0.5"]
-        )
+            None,
+            ["method.name=autobalance", "autobalance.tune=[l,aug]", "data.augment_prob=0.5",
+             "data.augment_ops=[rotate]"],
+        )  # fmt: skip
+    with pytest.raises(UserError, match="data.augment_ops"):
+        load_config(None, ["method.name=autobalance", "autobalance.tune=[l,aug_mag]"])
+    with pytest.raises(UserError, match="no chain is configured"):
+        load_config(None, ["data.augment_prob=0.5"])
+    with pytest.raises(UserError, match="solarize"):
+        load_config(None, ["data.augment_ops=[rotate,solarize]"])
+    with pytest.raises(UserError, match="augment_num_ops"):
+        load_config(None, ["data.augment_ops=[rotate]", "data.augment_num_ops=0"])
 
 
 def test_every_key_is_settable_from_its_own_default():

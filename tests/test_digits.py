@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from abdist.data.augment import RandomCropFlip
 from abdist.data.digits import digits_lt_indices, load_digits_lt
 from abdist.data.longtail import longtail_counts
-from abdist.data.memory import DataBundle, TensorSplit, random_shift
+from abdist.data.memory import DataBundle, TensorSplit
 from abdist.errors import UserError
 
 
@@ -101,7 +102,7 @@ def test_batches_same_generator_seed_same_order():
 
     def epoch(seed):
         g = torch.Generator().manual_seed(seed)
-        aug = random_shift(1, flip=True)
+        aug = RandomCropFlip(1, flip=True)
         return list(split.batches(4, shuffle=True, generator=g, augment=aug))
 
     a, b, c = epoch(3), epoch(3), epoch(4)
@@ -111,20 +112,20 @@ def test_batches_same_generator_seed_same_order():
     assert torch.cat([y for _, y in a]).tolist() != torch.cat([y for _, y in c]).tolist()
 
 
-def test_random_shift_shape_and_identity():
+def test_random_crop_flip_shape_and_identity():
     x = torch.randn(16, 3, 8, 8)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(random_shift(0)(x, g), x)
-    out = random_shift(2, flip=True)(x, g)
+    assert torch.equal(RandomCropFlip(0, flip=False)(x, None, g), x)
+    out = RandomCropFlip(2, flip=True)(x, None, g)
     assert out.shape == x.shape
     assert not torch.equal(out, x)
 
 
-def test_random_shift_is_a_translation():
+def test_random_crop_flip_is_a_translation():
     # A single bright pixel must move by at most pad in each direction, and stay inside.
     x = torch.zeros(64, 1, 9, 9)
     x[:, 0, 4, 4] = 1.0
-    out = random_shift(2)(x, torch.Generator().manual_seed(0))
+    out = RandomCropFlip(2, flip=False)(x, None, torch.Generator().manual_seed(0))
     assert torch.all(out.sum(dim=(1, 2, 3)) == 1.0)
     pos = out[:, 0].flatten(1).argmax(1)
     rows, cols = pos // 9, pos % 9
@@ -132,15 +133,15 @@ def test_random_shift_is_a_translation():
     assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5  # offsets differ per sample
 
 
-def test_random_shift_flip_mirrors():
+def test_random_crop_flip_flip_mirrors():
     x = torch.arange(4.0).reshape(1, 1, 1, 4).repeat(32, 1, 1, 1)
-    out = random_shift(0, flip=True)(x, torch.Generator().manual_seed(0))
+    out = RandomCropFlip(0, flip=True)(x, None, torch.Generator().manual_seed(0))
     flipped = (out == x.flip(-1)).all(dim=(1, 2, 3))
     kept = (out == x).all(dim=(1, 2, 3))
     assert torch.all(flipped | kept) and flipped.any() and kept.any()
 
 
-@pytest.mark.parametrize("augment", [None, random_shift(1, flip=True)])
+@pytest.mark.parametrize("augment", [None, RandomCropFlip(1, flip=True)])
 def test_batches_with_groups_keep_each_sample_with_its_group(augment):
     base = _toy_split()
     split = TensorSplit(base.images, base.labels, (base.labels * 7) % 3)

@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from abdist.config import load_config
-from abdist.data.memory import TensorSplit, random_shift
+from abdist.data.augment import RandomCropFlip
+from abdist.data.memory import TensorSplit
 from abdist.engine import dist as D
 from abdist.errors import UserError
 from tests.conftest import REPO
@@ -146,7 +147,7 @@ def _split(n=103):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("augment", [None, random_shift(1, flip=True)])
+@pytest.mark.parametrize("augment", [None, RandomCropFlip(1, flip=True)])
 def test_ranks_take_disjoint_equal_slices_of_the_same_global_batches(world, augment):
     split, B = _split(), 16
 

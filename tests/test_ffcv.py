@@ -235,20 +235,28 @@ def test_ranks_share_evaluation_exactly_once_and_training_in_equal_full_batches(
 
 @needs_ffcv
 def test_class_aware_augmentation_follows_the_shared_table(prepared):
-    from abdist.data.augment import AugmentTable, ClassAwareAugment
+    from abdist.data.augment import AugmentTable, ClassAwareAugment, TrainAugment
     from abdist.data.ffcv_backend import FFCVSplit
 
     ffcv_dir, _ = prepared
-    table = AugmentTable(4, magnitude=1.0, probability=0.0)
-    data = FFCVSplit(
-        ffcv_dir, "train", augment=ClassAwareAugment(table), num_workers=1, mean=0.0, std=1.0
-    )
+    table = AugmentTable(4, magnitude=1.0, probability=0.0, lag=0)
+    table.publish(-1)
+    data = FFCVSplit(ffcv_dir, "train", num_workers=1, mean=0.0, std=1.0)
+    augment = TrainAugment(ClassAwareAugment(table, ops=["brightness", "cutout"]), None, 0.0, 1.0)
     x_ref, _, ids, _ = eval_pass(data, 16)  # evaluation passes are never augmented
     ref = x_ref[torch.argsort(ids)]
+    done = 0  # batches trained so far: the chain's batch numbers run on across passes
 
     def train_pass(seed: int):
+        nonlocal done
         g = torch.Generator().manual_seed(seed)
-        out = list(data.batches(16, shuffle=True, generator=g, with_ids=True))
+        out = []
+        for batch in data.batches(
+            16, shuffle=True, generator=g, with_ids=True, augment=augment, first_batch=done
+        ):
+            out.append(batch)
+            table.publish(done)  # as the training loop does after each batch
+            done += 1
         return (
             torch.cat([x for x, _, _ in out]),
             torch.cat([y for _, y, _ in out]),
@@ -257,11 +265,15 @@ def test_class_aware_augmentation_follows_the_shared_table(prepared):
 
     x, y, i = train_pass(0)  # probability 0 everywhere: the identity
     assert torch.equal(x, ref[i])
-    table.set(probability=[0.0, 1.0, 0.0, 0.0])  # class 1 only; seen by the next pass
+    # Class 1 only, set between passes: labelled with the next batch (2), so with lag 0 batch 3
+    # is the first to use it (abdist/data/augment_table.py).
+    table.set(probability=[0.0, 1.0, 0.0, 0.0])
     x, y, i = train_pass(1)
     changed = (x - ref[i]).abs().flatten(1).amax(1) > 0
-    assert (y == 1).any() and changed[y == 1].all()
-    assert not changed[y != 1].any()
+    first, later = slice(0, 16), slice(16, None)
+    assert not changed[first].any()
+    assert (y[later] == 1).any() and changed[later][y[later] == 1].all()
+    assert not changed[later][y[later] != 1].any()
 
 
 @needs_ffcv

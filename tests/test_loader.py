@@ -444,7 +444,7 @@ def test_batches_augment_hook_runs_on_normalised_batches(tmp_path):
     split = ShardSplit(tmp_path, "val")
     calls = []
 
-    def hook(x, generator, y):
+    def hook(x, y, generator, batch):
         calls.append(generator)
         return x * 0
 

@@ -30,7 +30,7 @@ def test_replace_refuses_a_missing_name():
 
 @pytest.mark.parametrize(
     "owner,name",
-    [(AutoBalance, "hyper_step"), (AutoBalance, "_sample_batches"), (AutoBalance, "after_step"),
+    [(AutoBalance, "hyper_step"), (AutoBalance, "sample_batches"), (AutoBalance, "after_step"),
      (ERM, "after_step"), (trainer, "evaluate"), (trainer, "loss_through")],
 )  # fmt: skip
 def test_what_dist_helper_patches_exists(owner, name):

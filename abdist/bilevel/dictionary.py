@@ -201,14 +201,14 @@ def fit_sub(d: Tensor, alpha_class: Tensor) -> Tensor:
 
 
 # What AutoBalance can tune, and how each per-class vector is parameterised by D·a.
-TUNABLE = ("w", "l", "delta", "aug")
+TUNABLE = ("w", "l", "delta", "aug", "aug_mag")
 # Δ = DELTA_MAX·σ(t): the presets' Δ = 1 sits at t = 0, the sigmoid's steepest point.
 DELTA_MAX = 2.0
 
 
 def class_vectors(d: Tensor, a: dict[str, Tensor], fixed: dict[str, Tensor | None]) -> dict:
     """Per-class vectors from subspace parameters (the tuned ones) or the fixed preset values:
-    l = D·a, Δ = DELTA_MAX·σ(D·a), w = exp(D·a), aug = σ(D·a)."""
+    l = D·a, Δ = DELTA_MAX·σ(D·a), w = exp(D·a), aug = σ(D·a), aug_mag = σ(D·a)."""
     out = dict(fixed)
     if "l" in a:
         out["l"] = expand(d, a["l"])
@@ -218,4 +218,6 @@ def class_vectors(d: Tensor, a: dict[str, Tensor], fixed: dict[str, Tensor | Non
         out["w"] = torch.exp(expand(d, a["w"]))
     if "aug" in a:
         out["aug"] = torch.sigmoid(expand(d, a["aug"]))
+    if "aug_mag" in a:
+        out["aug_mag"] = torch.sigmoid(expand(d, a["aug_mag"]))
     return out

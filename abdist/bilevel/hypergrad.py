@@ -47,8 +47,8 @@ z = outputs(θ) the logits and ℓ the loss of the logits: positive semi-definit
 in z (the parametric cross-entropy is, an affine map of z into a weighted CE; with a focal term it
 is not, and neither is G), equal to the Hessian when the outputs are linear in θ (head scope), and
 the standard curvature for IFT on deep networks. It needs the loss written as
-`OutputLoss(outputs, loss)`. The mixed term stays exact: α enters through ℓ only, so
-∂²L/∂θ∂α = Jᵀ ∂²ℓ/∂z∂α.
+`OutputLoss(outputs, loss)`. The mixed term stays exact: when α enters through ℓ only,
+∂²L/∂θ∂α = Jᵀ ∂²ℓ/∂z∂α; when it moves the outputs too (`takes_alpha`), it is taken directly.
 
 Forward-over-reverse (`hvp_mode="forward"`) recomputes one forward+backward per HVP and keeps no
 graph; reverse-over-reverse (`hvp_mode="reverse"`, default) builds the gradient graph once and
@@ -89,14 +89,20 @@ class OutputLoss:
 
     `outputs(params)` returns a tensor or a tuple of tensors (the logits of the fixed batches);
     `loss(outputs, alpha)` a scalar. Calling it is the plain loss, so it can be passed wherever a
-    `train_loss_fn` goes.
+    `train_loss_fn` goes. `takes_alpha`: the outputs depend on alpha too, `outputs(params,
+    alpha)` (e.g. an input augmented at a tuned magnitude); Gauss-Newton then keeps the exact
+    mixed term (see `_gauss_newton`).
     """
 
-    outputs: Callable[[Tree], Any]
+    outputs: Callable[..., Any]
     loss: Callable[[Any, Tree], Tensor]
+    takes_alpha: bool = False
+
+    def outputs_at(self, params: Tree, alpha: Tree) -> Any:
+        return self.outputs(params, alpha) if self.takes_alpha else self.outputs(params)
 
     def __call__(self, params: Tree, alpha: Tree) -> Tensor:
-        return self.loss(self.outputs(params), alpha)
+        return self.loss(self.outputs_at(params, alpha), alpha)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,7 +506,7 @@ def _gauss_newton(
     """
 
     def outputs(t: Tensor):
-        return f.outputs(unflatten(t))
+        return f.outputs_at(unflatten(t), alpha)
 
     z, vjp_out = torch.func.vjp(outputs, theta)
     grad_z = torch.func.grad(f.loss, argnums=0)
@@ -516,6 +522,13 @@ def _gauss_newton(
         return vjp_out(hz)[0] + shift * u
 
     def mixed(x: Tensor) -> Tree:
+        if f.takes_alpha:
+            # alpha also moves the outputs, so ∂²L/∂θ∂α has terms Gauss-Newton's split cannot
+            # express: take it exactly, ∇_α of the directional derivative ⟨∇_θ L(θ, α), x⟩.
+            def along_x(a: Tree) -> Tensor:
+                return torch.func.jvp(lambda t: f(unflatten(t), a), (theta,), (x,))[1]
+
+            return torch.func.grad(along_x)(alpha)
         jx = last["ju"] if last.get("u") is x else jvp_out(x)
         return torch.func.vjp(lambda a: grad_z(z, a), alpha)[1](jx)[0]
 

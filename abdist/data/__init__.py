@@ -36,10 +36,9 @@ def build_data(cfg, rank: int = 0, world_size: int = 1):
     raise UserError(f"data.source '{cfg.source}' is not supported")
 
 
-def build_augment(cfg):
-    """The training-time augmentation for in-memory tensors, or None."""
-    from abdist.data.memory import random_shift
+def build_augment(cfg, data, seed: int):
+    """The training augmentation (abdist/data/augment.py) for `data` under the `data` config
+    section `cfg`, or None when nothing is switched on."""
+    from abdist.data.augment import build_train_augment
 
-    if cfg.augment_pad == 0 and not cfg.augment_flip:
-        return None
-    return random_shift(cfg.augment_pad, flip=cfg.augment_flip)
+    return build_train_augment(cfg, data.num_classes, getattr(data, "normalization", None), seed)

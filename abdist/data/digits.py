@@ -109,4 +109,5 @@ def load_digits_lt(
         class_names=[str(c) for c in range(NUM_CLASSES)],
         in_channels=1,
         image_size=IMAGE_SIZE,
+        normalization=((float(mean),), (float(std),)),
     )

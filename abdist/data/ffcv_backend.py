@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from abdist.data.augment import split_augment
 from abdist.data.ffcv_files import FIELDS, require_ffcv
 from abdist.data.ffcv_pipeline import build_loader, cpu_count
 from abdist.data.manifest import (
@@ -78,8 +79,6 @@ class FFCVSplit:
         rank, world_size: this process's place; default to ``torch.distributed``'s if it is
             initialised, else 0 and 1.
         num_workers: FFCV decoding threads (None: this process's CPUs).
-        augment: ``augment(x, y, generator) -> x`` on float ``[B, C, H, W]`` in [0, 1] for
-            training passes, typically a ``ClassAwareAugment``.
         eval_transform: ``eval_transform(x) -> x`` on the same kind of batch, for evaluation.
         mean, std: per-channel normalisation on the [0, 1] scale (default: manifest, else 0.5).
         image_size: output side (default: the manifest's ``image.size``; needed if that is null).
@@ -95,7 +94,6 @@ class FFCVSplit:
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int | None = None,
-        augment: Callable[[Tensor, Tensor, torch.Generator], Tensor] | None = None,
         eval_transform: Callable[[Tensor], Tensor] | None = None,
         mean: list[float] | float | None = None,
         std: list[float] | float | None = None,
@@ -126,12 +124,12 @@ class FFCVSplit:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
         channels, size, num_classes, mean, std = image_settings(
-            root, manifest, image_size=image_size, mean=mean, std=std, augment=augment
+            root, manifest, image_size=image_size, mean=mean, std=std
         )
 
         self.root, self.split, self.manifest = root, split, manifest
         self.num_workers, self.os_cache, self.batches_ahead = num_workers, os_cache, batches_ahead
-        self._augment, self.eval_transform = augment, eval_transform
+        self.eval_transform = eval_transform
         self._channels, self._size = channels, int(size)
         self._mean, self._std = mean, std
         self._num_classes = num_classes
@@ -221,11 +219,6 @@ class FFCVSplit:
         return self._std
 
     @property
-    def augment(self):
-        """The training augmentation (e.g. a ``ClassAwareAugment``) or None."""
-        return self._augment
-
-    @property
     def bad_sample_counts(self) -> dict[str, int]:
         """Always zero: FFCV files are checked whole (sha256), not skipped sample by sample."""
         return {"total": 0}
@@ -276,6 +269,7 @@ class FFCVSplit:
         world_size: int | None = None,
         max_batches: int | None = None,
         with_groups: bool = False,
+        first_batch: int | None = None,
     ) -> Iterator[tuple[Tensor, ...]]:
         """Yield ``(x, y)`` for one pass on this rank, then ``idx`` (the sample ids) with
         ``with_ids`` and ``g`` (the group ids; prepared with ``--groups``) with ``with_groups``,
@@ -285,10 +279,11 @@ class FFCVSplit:
         ``batch_size / world_size`` samples (``batch_size`` is the GLOBAL batch), ordered and
         augmented from one seed drawn from ``generator`` (torch's global RNG if None).
         ``shuffle=False``: an evaluation pass, each sample exactly once across ranks, in batches
-        of ``batch_size``. ``augment(x, generator, y)`` is the ``TensorSplit`` hook, run here on
-        the normalised batch (the constructor's ``augment`` is the class-aware one, before
-        normalisation). ``rank`` / ``world_size`` serve another place than the split's own for
-        this pass; ``max_batches`` stops after that many batches.
+        of ``batch_size``. ``augment`` and ``first_batch`` as for ``ShardSplit.batches``: a
+        ``TrainAugment``'s class-aware chain runs in FFCV's loader thread (on [0, 1] pixels,
+        batch ``first_batch + k`` for the pass's ``k``-th), its crop/flip here; any other callable
+        ``augment(x, y, generator, batch)`` runs here. ``rank`` / ``world_size`` serve another
+        place than the split's own for this pass; ``max_batches`` stops after that many batches.
         """
         if with_groups and self._num_groups is None:
             raise UserError(
@@ -333,7 +328,10 @@ class FFCVSplit:
         last = n_batches - 1  # the batch that may hold padding
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
-        op.start_pass(aug_seed >> 1)
+        chain, hook = split_augment(augment, self._num_classes)
+        if not shuffle:
+            chain = hook = None
+        op.start_pass(aug_seed >> 1, chain=chain, first_batch=first_batch, stream=rank)
         threads = torch.get_num_threads()
         it = iter(loader)
         try:
@@ -344,8 +342,8 @@ class FFCVSplit:
                 y, idx = y.reshape(-1).clone(), idx.reshape(-1).clone()
                 if k == last and keep_last < batch_size:
                     x, y, idx = x[:keep_last], y[:keep_last], idx[:keep_last]
-                if augment is not None:
-                    x = augment(x, generator, y)
+                if hook is not None:
+                    x = hook(x, y, generator, None if first_batch is None else first_batch + k)
                 extra = [idx] if with_ids else []
                 if with_groups:  # the group column of the file's metadata, by sample id
                     extra.append(self._groups[idx])
@@ -362,7 +360,7 @@ class FFCVSplit:
         key = (train, batch_size, length)
         if key in self._loaders:
             return self._loaders[key]
-        transform = self._augment if train else self.eval_transform
+        transform = None if train else self.eval_transform
         self._loaders[key] = build_loader(
             self._path,
             labels=self._labels,

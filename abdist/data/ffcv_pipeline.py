@@ -5,19 +5,15 @@ thread), plus the thread helpers they need.
 Augmentation (the same semantics as the WebDataset loader)
     FFCV decodes (numba threads, ``num_workers`` of them) into uint8 ``[B, H, W, 3]``. A custom
     FFCV operation at the end of the image pipeline, in FFCV's loader thread, turns that into
-    float ``[B, C, H, W]`` in [0, 1], looks the batch's labels up by sample id and applies
-    ``augment(x, y, generator)`` for training (e.g. a
-    :class:`~abdist.data.augment.ClassAwareAugment`: per-class probability and magnitude read
-    from the shared :class:`~abdist.data.augment.AugmentTable` at every batch) or
-    ``eval_transform(x)`` for evaluation, then normalises with ``mean`` / ``std``. It is the very
-    same ``ClassAwareAugment`` code as the WebDataset path, so the distribution is identical;
-    only the random stream differs (one torch generator per rank and pass, seeded from the
-    pass's seed, instead of one per WebDataset worker). Differences: it runs in one background
-    thread of the training process (not in worker processes), so ``AugmentTable.set`` is seen
-    at the next batch FFCV prepares (up to ``batches_ahead`` batches are prepared ahead, as with
-    a DataLoader's prefetch); FFCV decodes JPEGs with libjpeg-turbo's *fast* DCT (hard-wired
-    in FFCV), so JPEG pixels differ from the WebDataset loader's accurate-DCT decode by a few
-    levels (mean ~1, max 4 of 255 on 32x32 quality-90 images; raw/PNG pixels are exact);
+    float ``[B, C, H, W]`` in [0, 1], looks the batch's labels up by sample id and applies the
+    class-aware chain for training (:class:`~abdist.data.augment.ClassAwareAugment`, with the
+    per-class strengths its table holds for the batch's index, which this operation counts from
+    the pass's first batch) or ``eval_transform(x)`` for evaluation, then normalises with
+    ``mean`` / ``std``. It is the very same chain code, table rule and per-batch generator as the
+    WebDataset workers use. Differences: it runs in one background thread of the training
+    process (not in worker processes); FFCV decodes JPEGs with libjpeg-turbo's *fast* DCT
+    (hard-wired in FFCV), so JPEG pixels differ from the WebDataset loader's accurate-DCT decode
+    by a few levels (mean ~1, max 4 of 255 on 32x32 quality-90 images; raw/PNG pixels are exact);
     images of another size than the output are centre-cropped (side = the shorter side) and
     resized by FFCV's OpenCV decoder, not resized with antialiased bilinear and then
     centre-cropped as the WebDataset loader does; there is no bad-sample skipping (a
@@ -81,9 +77,13 @@ def _batch_finish_class():
             self.std = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
             self.transform, self.train = transform, train
             self.generator = torch.Generator()
+            self.chain, self.first_batch, self.stream, self.made = None, None, 0, 0
 
-        def start_pass(self, seed: int) -> None:
+        def start_pass(self, seed: int, chain=None, first_batch=None, stream: int = 0) -> None:
+            """Before each pass: the generator's seed, and for training passes the class-aware
+            chain with the run-wide index of the pass's first batch."""
             self.generator = torch.Generator().manual_seed(seed)
+            self.chain, self.first_batch, self.stream, self.made = chain, first_batch, stream, 0
 
         def generate_code(self) -> Callable:
             per_thread = _omp_threads_are_per_thread()
@@ -97,11 +97,13 @@ def _batch_finish_class():
                 ids = torch.from_numpy(np.asarray(batch_indices, dtype=np.int64))
                 x = inp.permute(0, 3, 1, 2)[:, : self.channels].contiguous()
                 x = x.float().div_(255)
-                if self.transform is not None:
-                    if self.train:
-                        x = self.transform(x, self.labels[ids], self.generator)
-                    else:
-                        x = self.transform(x)
+                if self.train and self.chain is not None:
+                    batch = None if self.first_batch is None else self.first_batch + self.made
+                    gen = self.generator if batch is None else None
+                    x = self.chain(x, self.labels[ids], gen, batch=batch, stream=self.stream)
+                elif not self.train and self.transform is not None:
+                    x = self.transform(x)
+                self.made += 1
                 return x.sub(self.mean).div_(self.std).contiguous()
 
             finish.with_indices = True

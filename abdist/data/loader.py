@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from abdist.data.augment import split_augment
 from abdist.data.manifest import (
     image_settings,
     manifest_cell_counts,
@@ -101,9 +102,6 @@ class ShardSplit:
             initialised, else 0 and 1.
         num_workers: DataLoader worker processes (0: read in this process).
         shuffle_buffer: encoded samples each training slot holds for shuffling (0 or 1: none).
-        augment: ``augment(x, y, generator) -> x`` on float ``[B, C, H, W]`` in [0, 1], run in
-            the workers for training passes; typically a ``ClassAwareAugment``, whose shared
-            strength table workers re-read every batch.
         eval_transform: ``eval_transform(x) -> x`` on the same kind of batch, for evaluation
             passes (e.g. ``torchvision.transforms.v2.CenterCrop``); None: none.
         bad_data: ``"skip"`` (count, warn, go on) or ``"error"`` (raise a one-line UserError).
@@ -126,7 +124,6 @@ class ShardSplit:
         world_size: int | None = None,
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
-        augment: Callable[[Tensor, Tensor, torch.Generator], Tensor] | None = None,
         eval_transform: Callable[[Tensor], Tensor] | None = None,
         bad_data: str = "skip",
         max_bad_fraction: float | None = None,
@@ -150,7 +147,7 @@ class ShardSplit:
 
         shards = split_shards(root, manifest, split)  # "train+val": end to end, checked
         channels, size, num_classes, mean, std = image_settings(
-            root, manifest, image_size=image_size, mean=mean, std=std, augment=augment
+            root, manifest, image_size=image_size, mean=mean, std=std
         )
 
         self.root, self.split, self.manifest = root, split, manifest
@@ -167,7 +164,6 @@ class ShardSplit:
             width=int(size),
             mean=mean,
             std=std,
-            augment=augment,
             eval_transform=eval_transform,
             bad_data=bad_data,
             decoder=decoder,
@@ -228,11 +224,6 @@ class ShardSplit:
         """Per-channel std used for normalisation ([0, 1] scale)."""
         return self._src.std
 
-    @property
-    def augment(self):
-        """The worker-side training augmentation (e.g. a ``ClassAwareAugment``) or None."""
-        return self._src.augment
-
     # --- counts
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
@@ -279,6 +270,7 @@ class ShardSplit:
         world_size: int | None = None,
         max_batches: int | None = None,
         with_groups: bool = False,
+        first_batch: int | None = None,
     ) -> Iterator[tuple[Tensor, ...]]:
         """Yield ``(x, y)`` for one pass on this rank, then ``idx`` (the sample indices) with
         ``with_ids`` and ``g`` (the group ids; shards prepared with ``--groups``) with
@@ -289,9 +281,14 @@ class ShardSplit:
         ``TensorSplit``), ordered and augmented from one seed drawn from ``generator`` (torch's
         global RNG if None). ``shuffle=False``: an evaluation pass, each sample exactly once
         across ranks and workers, in batches of ``batch_size`` per worker (``drop_last`` drops
-        each worker's short last batch). ``augment(x, generator, y)`` is the ``TensorSplit``
-        hook: it runs here, in the calling process, on the normalised batch (the worker-side
-        ``augment`` given to the constructor runs before normalisation).
+        each worker's short last batch).
+
+        ``augment`` (training passes): a :class:`~abdist.data.augment.TrainAugment` runs its
+        class-aware chain in the workers, on [0, 1] pixels before normalisation, and its base
+        crop/flip here on the normalised batch, drawn from ``generator``; any other callable
+        ``augment(x, y, generator, batch)`` runs here. ``first_batch`` is the run-wide index of
+        the pass's first batch (batch ``first_batch + k`` is the pass's ``k``-th), which the
+        chain's table lookup needs.
 
         ``rank`` / ``world_size`` serve another place than the split's own for this pass (e.g.
         ``rank=0, world_size=1``: the whole stream, the same on every rank). ``max_batches``
@@ -323,7 +320,18 @@ class ShardSplit:
             n_batches = epoch_batches(src.num_samples, batch_size, drop_last)
         else:
             seed, n_batches, size = 0, 0, batch_size
-        data = StreamPass(src, train=shuffle, batch_size=size, n_batches=n_batches, seed=seed)
+        chain, hook = split_augment(augment, self.num_classes)
+        if not shuffle:
+            chain = hook = None
+        data = StreamPass(
+            src,
+            train=shuffle,
+            batch_size=size,
+            n_batches=n_batches,
+            seed=seed,
+            chain=chain,
+            first_batch=first_batch,
+        )
         if workers == 0:
             items = iter(data)
         else:
@@ -357,11 +365,14 @@ class ShardSplit:
                     break
                 if kind != "batch":
                     continue
-                x, y, idx, g = payload
+                x, y, idx, g, index = payload
                 if not shuffle and drop_last and len(y) < batch_size:
                     continue
-                if augment is not None:
-                    x = augment(x, generator, y)
+                batch = None if first_batch is None else first_batch + yielded
+                if shuffle and index != (yielded if batch is None else batch):
+                    raise RuntimeError(f"batch {index} arrived as the pass's batch {yielded}")
+                if hook is not None:
+                    x = hook(x, y, generator, batch)
                 yielded += 1
                 yield (x, y, *((idx,) if with_ids else ()), *((g,) if with_groups else ()))
                 if yielded == max_batches:

@@ -221,7 +221,7 @@ def per_channel(name: str, value: Any, channels: int) -> tuple[float, ...]:
     return tuple(values)
 
 
-def image_settings(root, manifest: dict, *, image_size, mean, std, augment):
+def image_settings(root, manifest: dict, *, image_size, mean, std):
     """(channels, size, num_classes, mean, std) from a manifest and the caller's overrides.
 
     Shared by every shard reader (WebDataset, FFCV) so they agree on shapes and normalisation.
@@ -236,10 +236,6 @@ def image_settings(root, manifest: dict, *, image_size, mean, std, augment):
             f"{root}: the manifest has no fixed image.size; pass image_size= to resize to"
         )
     num_classes = int(manifest["num_classes"])
-    if augment is not None and getattr(augment, "num_classes", num_classes) != num_classes:
-        raise UserError(
-            f"augment is built for {augment.num_classes} classes, the data has {num_classes}"
-        )
     mean = per_channel("mean", mean if mean is not None else image.get("mean", 0.5), channels)
     std = per_channel("std", std if std is not None else image.get("std", 0.5), channels)
     if any(s <= 0 for s in std):

@@ -13,15 +13,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from abdist.data.planning import check_batch_size
 from abdist.errors import UserError
 
-# augment(x, generator, y) -> x: a batch-level transform drawing its randomness from `generator`;
-# y (the batch's labels) lets class-aware augmentation pick a per-class strength.
-Augment = Callable[[Tensor, "torch.Generator | None", "Tensor | None"], Tensor]
+# augment(x, y, generator, batch) -> x: a batch-level transform drawing its randomness from
+# `generator`; y (the labels) and batch (the run-wide batch index) serve the class-aware chain
+# (abdist/data/augment.py).
+Augment = Callable[[Tensor, Tensor, "torch.Generator | None", "int | None"], Tensor]
 
 
 @dataclass
@@ -93,15 +93,17 @@ class TensorSplit:
         max_batches: int | None = None,
         with_groups: bool = False,
         with_ids: bool = False,
+        first_batch: int | None = None,
     ) -> Iterator[tuple[Tensor, ...]]:
         """Yield ``(x, y)`` batches covering the split once, then ``ids`` (the sample ids) with
         ``with_ids`` and ``g`` (the group ids; the split must carry groups) with ``with_groups``:
         ``(x, y, ids, g)`` with both, the order ``ShardSplit.batches`` yields them in.
 
-        The order (and the augmentation randomness, via ``augment(x, generator)``) comes only from
-        ``generator``, so the same generator state reproduces the same batches; with
-        ``generator=None`` torch's global RNG is used. Without ``drop_last`` the last batch may be
-        smaller and every sample appears exactly once.
+        The order (and the augmentation randomness, via ``augment(x, y, generator, batch)``)
+        comes only from ``generator`` (and, for the class-aware chain, the batch index
+        ``first_batch + k`` of the pass's ``k``-th batch), so the same generator state
+        reproduces the same batches; with ``generator=None`` torch's global RNG is used. Without
+        ``drop_last`` the last batch may be smaller and every sample appears exactly once.
 
         Several ranks (``world_size > 1``): ``batch_size`` is the GLOBAL batch. Every rank draws
         the same permutation (pass generators in the same state, e.g. seeded by (seed, epoch)),
@@ -140,7 +142,8 @@ class TensorSplit:
             if with_groups:
                 extra.append(self.groups[idx])
             if augment is not None:
-                x = augment(x, generator, y)[lo:hi]
+                batch = None if first_batch is None else first_batch + b
+                x = augment(x, y, generator, batch)[lo:hi]
                 y, extra = y[lo:hi], [t[lo:hi] for t in extra]
             yield (x, y, *extra)
 
@@ -173,6 +176,9 @@ class DataBundle:
     class_names: list[str]
     in_channels: int
     image_size: int
+    # Per-channel (mean, std) the images were normalised with, on the [0, 1] scale: what the
+    # class-aware chain un-normalises by (None: unknown, the chain then refuses).
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -221,57 +227,3 @@ class DataBundle:
     def train_id_count(self) -> int:
         """Where val's ids start in "train+val": 1 + train's largest id."""
         return self.train.id_count
-
-
-def random_shift(pad: int, flip: bool = False) -> Augment:
-    """Augment that translates each sample by up to ``±pad`` pixels, optionally h-flipping it.
-
-    Implemented as zero-pad + per-sample random crop (as in the standard CIFAR pipeline). Because
-    images are already normalised, the padding value 0 is the dataset mean rather than black.
-    With ``flip=True`` each sample is mirrored horizontally with probability 1/2. All draws come
-    from the generator passed to the returned callable; the work is vectorised over the batch.
-    """
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise UserError(f"pad must be a non-negative integer, got {pad!r}")
-
-    def augment(x: Tensor, generator: torch.Generator | None = None, y=None) -> Tensor:
-        if pad == 0 and not flip:
-            return x
-        b, _, h, w = x.shape
-        device = generator.device if generator is not None else torch.device("cpu")
-        if pad > 0:
-            dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
-            dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
-            padded = F.pad(x, (pad, pad, pad, pad))
-            rows = (dy.to(x.device)[:, None] + torch.arange(h, device=x.device))[:, :, None]
-            cols = (dx.to(x.device)[:, None] + torch.arange(w, device=x.device))[:, None, :]
-            batch = torch.arange(b, device=x.device)[:, None, None]
-            # Advanced indices split by a slice put the indexed dims first: [B, H, W, C].
-            x = padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
-        if flip:
-            mirror = torch.rand(b, generator=generator, device=device) < 0.5
-            x = torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
-        return x
-
-    return augment
-
-
-def class_aware(base: Augment, probability: Tensor) -> Augment:
-    """Apply `base` to each sample of class y with probability ``probability[y]``, else keep it.
-
-    `probability` ([C], in [0, 1]) is read at every call, so a method that updates it in place
-    (AutoBalance tuning per-class augmentation) changes the very next batch. The randomness is
-    drawn as: one uniform per sample for the mask, then whatever `base` draws. Because the mask is
-    Bernoulli(p_y), the expected loss over it is p_y·ℓ(base(x)) + (1 − p_y)·ℓ(x), which is what
-    AutoBalance differentiates with respect to p (see abdist/methods/autobalance.py).
-    """
-
-    def augment(x: Tensor, generator: torch.Generator | None = None, y=None) -> Tensor:
-        if y is None:
-            raise ValueError("class-aware augmentation needs the batch labels")
-        device = generator.device if generator is not None else torch.device("cpu")
-        u = torch.rand(len(x), generator=generator, device=device).to(x.device)
-        mask = u < probability.to(x.device)[y]
-        return torch.where(mask[:, None, None, None], base(x, generator, y), x)
-
-    return augment

@@ -262,6 +262,7 @@ def load_shards_in_memory(
         class_names=list(manifest["class_names"]),
         in_channels=int(shape[0]),
         image_size=int(shape[1]),
+        normalization=(tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())),
     )
     if not any_skipped:
         return DataBundle(**kw)

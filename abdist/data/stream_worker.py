@@ -2,8 +2,14 @@
 
 A slot reads its planned range of shard positions (abdist/data/planning.py) through the tar
 reader, shuffles it through a buffer (training), decodes and batches it (abdist/data/samples.py),
-applies the worker-side augmentation and the normalisation, and sends each batch with the bad
-samples it met, so the training process counts and warns (no lost updates between workers).
+applies the class-aware chain (training passes) and the normalisation, and sends each batch with
+the bad samples it met, so the training process counts and warns (no lost updates between
+workers).
+
+A slot's ``j``-th training batch is the pass's batch ``j * W + worker`` (W workers per rank: the
+DataLoader hands out the workers' batches round-robin, and quotas differ by at most one, the
+earlier workers having the extra): the index the chain's table lookup and its generator use, sent
+along so the consumer can check the order.
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ class StreamSource:
     width: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    augment: Any
     eval_transform: Any
     bad_data: str
     decoder: str
@@ -93,17 +98,29 @@ def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 class StreamPass(IterableDataset):
     """One pass (an epoch or an evaluation) over the split; each worker runs its own slot.
 
-    Yields ``(kind, payload, bad_records)`` with kind ``"batch"`` (payload ``(x, y, idx, group)``),
+    Yields ``(kind, payload, bad_records)`` with kind ``"batch"`` (payload ``(x, y, idx, group,
+    index)``, ``index`` the batch's place in a training pass, see the module docstring, or None),
     ``"end"`` or ``"error"`` (payload: the one-line message). ``bad_records`` are the bad samples
     met since the previous item, so the consumer can count and warn in its own process.
     """
 
     def __init__(
-        self, src: StreamSource, *, train: bool, batch_size: int, n_batches: int, seed: int
+        self,
+        src: StreamSource,
+        *,
+        train: bool,
+        batch_size: int,
+        n_batches: int,
+        seed: int,
+        chain: Any = None,
+        first_batch: int | None = None,
     ) -> None:
+        """``chain``: the class-aware ``ClassAwareAugment`` run on training batches (in [0, 1],
+        before normalisation); ``first_batch``: the run-wide index of the pass's first batch."""
         super().__init__()
         self.src, self.train, self.batch_size = src, train, batch_size
         self.n_batches, self.seed = n_batches, seed
+        self.chain, self.first_batch = chain, first_batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -124,8 +141,8 @@ class SlotRun:
         self.p, self.src = p, p.src
         slot = self.src.rank * self.src.slots_per_rank + worker
         self.rng = random.Random(derive_seed(p.seed, "slot", slot))
-        self.gen = torch.Generator().manual_seed(derive_seed(p.seed, "augment", slot))
         self.worker = worker
+        self.made = 0  # training batches this slot has sent in this pass
         self.records: list[tuple] = []
         self.bad: set[tuple[int, int]] = set()  # (shard, position): skipped for the whole pass
         c = self.src.channels
@@ -196,19 +213,25 @@ class SlotRun:
         """uint8 batch -> transformed, normalised float batch (in the worker)."""
         y = torch.tensor(labels, dtype=torch.int64)
         x = images.float().div_(255)
-        if self.p.train and self.src.augment is not None:
-            x = self.src.augment(x, y, self.gen)
-        elif not self.p.train and self.src.eval_transform is not None:
+        index = None
+        if self.p.train:
+            index = self.made * self.src.slots_per_rank + self.worker
+            self.made += 1
+            if self.p.first_batch is not None:
+                index += self.p.first_batch
+            if self.p.chain is not None:
+                x = self.p.chain(x, y, batch=index, stream=self.src.rank)
+        elif self.src.eval_transform is not None:
             x = self.src.eval_transform(x)
-        if not x.is_floating_point() or x.ndim != 4 or x.shape[:2] != images.shape[:2]:
-            raise UserError(
-                f"the {'augment' if self.p.train else 'eval_transform'} returned "
-                f"{x.dtype} {tuple(x.shape)}; it must return a float [B, C, H', W'] batch "
-                f"in [0, 1] with B, C = {images.shape[0]}, {images.shape[1]}"
-            )
+            if not x.is_floating_point() or x.ndim != 4 or x.shape[:2] != images.shape[:2]:
+                raise UserError(
+                    f"the eval_transform returned {x.dtype} {tuple(x.shape)}; it must return a "
+                    f"float [B, C, H', W'] batch in [0, 1] with B, C = {images.shape[0]}, "
+                    f"{images.shape[1]}"
+                )
         x = x.sub_(self.mean).div_(self.std)
         ids_t, groups_t = (torch.tensor(v, dtype=torch.int64) for v in (ids, groups))
-        return "batch", (x.contiguous(), y, ids_t, groups_t), self.take_records()
+        return "batch", (x.contiguous(), y, ids_t, groups_t, index), self.take_records()
 
     def batches(self) -> Iterator[tuple]:
         p, src = self.p, self.src

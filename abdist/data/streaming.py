@@ -6,10 +6,11 @@ with ``--format ffcv`` (chosen from its manifest; FFCV's page cache plays the in
 
 Everything the in-memory path does holds here too: ``train.batch_size`` is the global batch (each
 rank reads ``B / world_size`` of it), evaluation visits every sample once across ranks, and the
-configured augmentation (random shift/flip, class-aware when AutoBalance tunes it) runs in the
-training process on each decoded batch, exactly as for in-memory tensors; the loader workers only
-read, decode and normalise (with the manifest's training-split mean/std). That keeps the run
-deterministic and resumable: nothing depends on when a worker saw a table update.
+training augmentation is the same system (abdist/data/augment.py): the class-aware chain runs
+where the pixels are decoded (the WebDataset workers, FFCV's loader thread) and reads the
+per-class table at the version the batch's index selects, the crop/flip runs in the training
+process. That keeps the run deterministic and resumable: nothing depends on when a worker saw a
+table update (abdist/data/augment_table.py).
 
 Bad data follows the same policy as in memory (``data.bad_data``, ``data.max_bad_fraction``, a
 damaged shard file is always an error); what the streaming reader checks, and why it does not
@@ -56,6 +57,11 @@ class StreamingBundle:
     @property
     def image_size(self) -> int:
         return self.train.image_shape[1]
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) the loaders normalise with (the training split's)."""
+        return tuple(self.train.mean), tuple(self.train.std)
 
     @property
     def class_counts(self) -> list[int]:

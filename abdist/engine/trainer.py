@@ -178,11 +178,11 @@ def train(
         drw_epoch=lc.drw_epoch,
         drw_beta=lc.drw_beta,
     )
-    ctx = SetupContext(
-        cfg, data, model, spec, build_augment(cfg.data), device, dist, phase, inputs or {}
-    )
+    augment = build_augment(cfg.data, data, cfg.train.seed)  # abdist/data/augment.py
+    ctx = SetupContext(cfg, data, model, spec, augment, device, dist, phase, inputs or {})
     method = methods.get(cfg.method.name).build(ctx)
     augment = method.train_augment()
+    table = getattr(augment, "table", None)  # the class-aware chain's per-class strengths
     optimizer = build_optimizer(model.parameters(), cfg.optim)
 
     B, accum = cfg.train.batch_size, cfg.train.grad_accum  # B is the global batch
@@ -209,6 +209,8 @@ def train(
     if state is not None:
         engine.load_state_dict(state, ckpts.root)  # model + optimiser (DeepSpeed: its own files)
         scheduler.load_state_dict(state["scheduler"])
+        if table is not None and "augment" in state:
+            table.load_state_dict(state["augment"])  # the versions resumed batches use
         method.load_state_dict(state["method"])
         set_rng_state(dist.pick_rng(state["rng"]))
         start_epoch, best = state["epoch"] + 1, state["best"]
@@ -247,6 +249,8 @@ def train(
     with_ids = "ids" in method.needs
     with_groups = "groups" in method.needs or (weigh is not None and weigh.needs_groups)
     step = start_epoch * steps_per_epoch
+    if table is not None:  # batches are numbered from here (abdist/data/augment_table.py)
+        table.publish(start_epoch * batches_per_epoch - 1)
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
         engine.model.train()
@@ -262,6 +266,7 @@ def train(
             world_size=dist.world_size,
             with_groups=with_groups,  # per-cell loss parameters, group-balanced weights
             with_ids=with_ids,
+            first_batch=epoch * batches_per_epoch,  # the chain's table version and generator
         )
         total_loss, seen, hyper = 0.0, 0, {}
         engine.zero_grad()
@@ -303,6 +308,8 @@ def train(
                 # The hyper step differentiates twice: on the bare module, never through DDP.
                 hyper = method.after_step(step, engine.module) or hyper
                 step += 1
+            if table is not None:  # changes made up to here are labelled with this batch
+                table.publish(epoch * batches_per_epoch + i)
 
         bar.set_phase("evaluating")
         engine.sync_buffers()  # BatchNorm statistics: the same on every rank before eval/save
@@ -344,6 +351,7 @@ def train(
                 **engine.state_dict(ckpts.root, epoch),
                 "scheduler": scheduler.state_dict(),
                 "method": method.state_dict(),
+                **({"augment": table.state_dict()} if table is not None else {}),
                 "rng": dist.all_gather_object(rng_state()),  # every rank's own stream
                 "best": best,
                 "best_weights": best_weights,

@@ -6,6 +6,7 @@ Upper level (every `autobalance.hyper_interval` steps after `autobalance.warmup_
 of the upper optimiser on α_sub along the implicit-function-theorem hypergradient of the validation
 objective (abdist.bilevel.hypergrad), where the per-class vectors are
     l = D·a_l,   Δ = 2·σ(D·a_Δ),   w = exp(D·a_w),   p_aug = σ(D·a_aug),
+p_mag = σ(D·a_mag),
 D = D_π the frequency dictionary (C × K), the same matrix in search and retrain.
 
 Initialisation is the `loss` preset: ce → neutral, la → l = τ·log π, cdt → Δ = (n/n_max)^γ,
@@ -15,11 +16,18 @@ shrunk, and shrinking every Δ by ½ is training at temperature 2 — measured o
 Δ = ½ scores 40 % balanced error against 11.8 % at Δ = 1. With 2·σ, Δ = 1 sits at the sigmoid's
 steepest point and every preset is represented exactly.
 
-Augmentation: a sample of class y is augmented with probability p_y. The Bernoulli mask is not
-differentiable, but its expectation is: E[ℓ] = p_y·ℓ(A(x)) + (1 − p_y)·ℓ(x) for the drawn A(x).
-The hyper step differentiates this expected training loss (an exact, zero-variance estimator of the
-mask's contribution; A's own randomness is held fixed, i.e. reparameterised), so p is tuned by the
-same IFT machinery as l, Δ, w.
+Augmentation (abdist/data/augment.py): a sample of class y gets the class-aware chain A_m with
+probability p_y at magnitude m_y; AutoBalance writes both into the chain's per-class table after
+each hyper step. The Bernoulli mask is not differentiable, but its expectation is:
+E[ℓ] = p_y·ℓ(A_m(x)) + (1 − p_y)·ℓ(x) for the drawn A_m(x). The hyper step differentiates this
+expected training loss (an exact, zero-variance estimator of the mask's contribution; A's own
+randomness is held fixed, i.e. reparameterised), so p (`tune: aug`) is tuned by the same IFT
+machinery as l, Δ, w. The magnitude (`tune: aug_mag`, the paper's personalised augmentation) is
+reparameterised the same way: the chain's draws stay fixed and A_m(x) is a differentiable
+function of m (augment_chain.apply_smooth: the exact photometric ops, a bilinear surrogate of the
+geometric ones; flip and cutout carry no derivative), so ∂ℓ(A_m(x))/∂m is a pathwise derivative
+through the network's input. The hyper step's x is the unaugmented batch (the class-independent
+crop/flip is left out of it).
 
 What the hyper step does NOT do (unlike the authors' code): it never runs in train mode (BatchNorm
 statistics are read, never written: eval mode + torch.func.functional_call), validation batches use
@@ -30,7 +38,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from abdist.bilevel.coordinator import Coordinator
 from abdist.bilevel.dictionary import (
@@ -40,11 +47,10 @@ from abdist.bilevel.dictionary import (
     class_vectors,
     fit_sub,
 )
-from abdist.bilevel.hypergrad import OutputLoss, hypergradient
-from abdist.data.memory import class_aware
 from abdist.errors import UserError
 from abdist.losses import LossSpec, delta_to_logit, parametric_cross_entropy
 from abdist.methods.autobalance_config import build_objective, validate
+from abdist.methods.autobalance_hyper import run_hyper_step
 from abdist.methods.batch_draw import draw_batches
 from abdist.methods.protocol import Batch, MethodSpec, Phase, SetupContext
 from abdist.methods.registry import register
@@ -54,7 +60,7 @@ class AutoBalance:
     name = "autobalance"
 
     def __init__(
-        self, cfg, data, spec: LossSpec, base_augment, device, frozen: dict | None = None, comm=None
+        self, cfg, data, spec: LossSpec, augment, device, frozen: dict | None = None, comm=None
     ):
         """`frozen`: per-class vectors from a finished search (retrain phase): no hyper steps.
 
@@ -64,14 +70,18 @@ class AutoBalance:
         numbers per hyper step make every rank agree, whatever the model size.
         """
         self.cfg, self.m, self.data, self.spec = cfg, cfg.autobalance, data, spec
-        self.base_augment, self.device = base_augment, device
+        self.augment, self.device = augment, device  # a TrainAugment or None
         self.rank, self.world_size = (comm.rank, comm.world_size) if comm else (0, 1)
         collectives = {"reduce": comm.reduce_mean, "broadcast": comm.broadcast} if comm else {}
         self.epoch = 0
         C = data.num_classes
         self.tune = [] if frozen is not None else [t for t in TUNABLE if t in self.m.tune]
-        if "aug" in self.tune and base_augment is None:
-            self.tune.remove("aug")  # nothing to tune: the data has no augmentation configured
+        self.chain = None if augment is None else augment.chain
+        if self.chain is None and {"aug", "aug_mag"} & set(self.tune):
+            raise UserError(
+                "autobalance.tune has aug/aug_mag but the run has no class-aware chain; set "
+                "data.augment_ops"
+            )
 
         def vec(v):
             return None if v is None else torch.as_tensor(v, dtype=torch.float32, device=device)
@@ -100,7 +110,8 @@ class AutoBalance:
             def tiled(v):  # a class-level preset, the same in every group's row
                 return None if v is None or self.G is None else v.repeat(self.G)
 
-            self.fixed = {"w": vec(spec.w), "l": vec(spec.l), "delta": vec(spec.delta), "aug": None}
+            self.fixed = {"w": vec(spec.w), "l": vec(spec.l), "delta": vec(spec.delta)}
+            self.fixed.update(aug=None, aug_mag=None)
             if self.G is not None:
                 self.fixed = {k: tiled(v) for k, v in self.fixed.items()}
             self.D = build_dictionary(
@@ -116,6 +127,7 @@ class AutoBalance:
                 ),
                 "w": torch.log(self.fixed["w"]) if self.fixed["w"] is not None else 0 * ones,
                 "aug": delta_to_logit(torch.full_like(ones, self.m.aug_init)),
+                "aug_mag": delta_to_logit(torch.full_like(ones, cfg.data.augment_magnitude)),
             }
             self.coordinator = Coordinator(
                 {k: fit_sub(self.D, init[k]) for k in self.tune},
@@ -125,20 +137,14 @@ class AutoBalance:
                 clip=self.m.clip,
                 **collectives,
             )
-        # Read by the class-aware augment at every batch; updated in place after each hyper step.
-        self.aug_prob = torch.full((C,), cfg.data.augment_prob)
         self.objective = build_objective(self.cfg, self.data)
-        self._refresh()
+        self.refresh()
 
     # --- what the training loop calls ---------------------------------------------------------
 
     def train_augment(self):
-        """The training augmentation: class-aware when per-class probabilities exist."""
-        if self.base_augment is None or (
-            self.current["aug"] is None and self.cfg.data.augment_prob == 1
-        ):
-            return self.base_augment
-        return class_aware(self.base_augment, self.aug_prob)
+        """The run's augmentation; its chain's table holds the tuned per-class values."""
+        return self.augment
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
@@ -228,21 +234,25 @@ class AutoBalance:
     def load_state_dict(self, state: dict) -> None:
         if self.coordinator is not None and state:
             self.coordinator.load_state_dict(state["coordinator"])
-            self._refresh()
+            self.refresh()
 
     # --- the hyper step -----------------------------------------------------------------------
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         if self.coordinator is None:
             self.current = self._as_cells(self.fixed)
         else:
             with torch.no_grad():
                 alpha = {k: v.detach() for k, v in self.coordinator.alpha_sub.items()}
                 self.current = self._as_cells(class_vectors(self.D, alpha, self.fixed))
-        if self.current["aug"] is not None:
-            self.aug_prob.copy_(self.current["aug"].detach().cpu())
+        if self.chain is not None:  # the chain's table: the version later batches will use
+            tuned = {
+                "probability": self.current.get("aug"),
+                "magnitude": self.current.get("aug_mag"),
+            }
+            self.chain.table.set(**{k: v.detach().cpu() for k, v in tuned.items() if v is not None})
 
-    def _curvature(self) -> str:
+    def curvature(self) -> str:
         # A full network's Hessian is indefinite away from a minimum and stops CG after a step or
         # two; Gauss-Newton is PSD when the loss is convex in the logits, which the focal term
         # breaks (config refuses an explicit gauss_newton with it). For a linear head the two are
@@ -259,8 +269,9 @@ class AutoBalance:
         C = self.data.num_classes
         return {k: None if v is None else v.reshape(self.G, C) for k, v in vectors.items()}
 
-    def _sample_batches(self, split, step: int, augment: bool, shard: bool = False):
-        """`hyper_batches` batches drawn with a generator seeded by (seed, step): resumable.
+    def sample_batches(self, split, step: int, shard: bool = False):
+        """`hyper_batches` unaugmented batches drawn with a generator seeded by (seed, step):
+        resumable.
 
         The draw is the same on every rank. `shard` (validation): this rank keeps its slice of
         each batch, so the ranks' slices together are the batches one process would use. Training
@@ -283,88 +294,29 @@ class AutoBalance:
             rank=rank,
             world_size=world,
             with_groups=with_groups,
-            augment=self.base_augment if augment else None,
         )
-        return d.x, d.x_aug, d.y, d.groups
+        return d.x, d.y, d.groups
 
-    def expected_train_loss(self, alpha_sub, logits, logits_aug, y, g=None) -> Tensor:
+    def expected_train_loss(self, alpha_sub, logits, logits_aug, y, g=None, prob=None) -> Tensor:
         """The training loss as a function of alpha_sub, in expectation over the augmentation mask.
 
         With p_y the class's augmentation probability and ℓ, ℓ_A the per-sample losses of the
         clean and augmented input: Σ_i w_i (p_i ℓ_A,i + (1 − p_i) ℓ_i) / Σ_i w_i. (The weighted
         mean's normaliser does not depend on the mask, so the expectation is exact.) `g`: the
-        samples' groups, for per-cell parameters.
+        samples' groups, for per-cell parameters; `prob` [C]: p when it is not tuned.
         """
         c = self._as_cells(class_vectors(self.D, alpha_sub, self.fixed))
         per, w = self._per_sample(logits, y, g, c)
         if logits_aug is not None:
-            pa = c["aug"][y]
+            pa = (c["aug"] if c.get("aug") is not None else prob)[y]
             per = pa * self._per_sample(logits_aug, y, g, c)[0] + (1 - pa) * per
         w = w if w is not None else torch.ones_like(per)
         return (w * per).sum() / w.sum()
 
     def hyper_step(self, model, step: int) -> dict:
-        tune_aug = "aug" in self.tune
-        shard = self.cfg.dist.hyper_shard  # none: every rank the whole batches (exact, W× work)
-        x_tr, x_aug, y_tr, g_tr = self._sample_batches(
-            self.data.train, step, tune_aug, shard == "train_val"
-        )
-        x_val, _, y_val, g_val = self._sample_batches(
-            self.data.val, step + 1, False, shard != "none"
-        )
-        was_training = model.training
-        model.eval()  # BatchNorm reads running statistics and writes nothing
-        try:
-            if self.m.scope == "head":
-                with torch.no_grad():
-                    x_tr, x_val = model.features(x_tr), model.features(x_val)
-                    x_aug = model.features(x_aug) if tune_aug else None
-                net = model.head
-                params = {k: v.detach() for k, v in net.named_parameters()}
-                frozen = {}
-            else:
-                net = model
-                params = {k: v.detach() for k, v in net.named_parameters()}
-                frozen = {k: v.detach() for k, v in net.named_buffers()}
-
-            def forward(p, x):
-                return functional_call(net, {**p, **frozen}, (x,)).float()
-
-            # Written as loss(logits(θ), α) so that a Gauss-Newton solve can split the two.
-            train_loss = OutputLoss(
-                lambda p: (forward(p, x_tr), *((forward(p, x_aug),) if tune_aug else ())),
-                lambda z, a: self.expected_train_loss(
-                    a, z[0], z[1] if tune_aug else None, y_tr, g_tr
-                ),
-            )
-
-            def val_loss(p, a):
-                return self.objective(forward(p, x_val), y_val, g_val)
-
-            alpha = {k: v.detach() for k, v in self.coordinator.alpha_sub.items()}
-            grads, info = hypergradient(
-                train_loss,
-                val_loss,
-                params,
-                alpha,
-                method=self.m.hypergrad,
-                weight_decay=self.cfg.optim.weight_decay,
-                damping=self.m.damping,
-                iterations=self.m.solver_iterations,
-                curvature=self._curvature(),
-            )
-        finally:
-            model.train(was_training)
-        stats = self.coordinator.step(grads)
-        self._refresh()
-        # Logged as last_*: a solve that stops early or meets negative curvature (full scope)
-        # gives a poor hypergradient, and the user should see it.
-        return {
-            **stats,
-            "solver_residual": info.get("residual"),
-            "solver_iterations": info.get("iterations"),
-            "negative_curvature": int(bool(info.get("negative_curvature"))),  # 0/1: charted
-        }
+        """One upper step: the IFT hypergradient on fresh train/val batches, then the
+        coordinator's update (abdist/methods/autobalance_hyper.py)."""
+        return run_hyper_step(self, model, step)
 
 
 # --- registration -------------------------------------------------------------------------------

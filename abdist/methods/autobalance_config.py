@@ -5,6 +5,7 @@ objective the keys name."""
 
 from __future__ import annotations
 
+from abdist.bilevel.dictionary import TUNABLE
 from abdist.bilevel.objectives import get_objective
 from abdist.config_checks import check_positive_class
 from abdist.errors import UserError
@@ -13,10 +14,18 @@ from abdist.errors import UserError
 def validate(cfg) -> None:
     """Checks across `autobalance.*` and other sections (each key alone is checked by config)."""
     ab = cfg.autobalance
-    bad = [t for t in ab.tune if t not in ("w", "l", "delta", "aug")]
+    bad = [t for t in ab.tune if t not in TUNABLE]
     if bad or not ab.tune:
         raise UserError(
-            f"'autobalance.tune' must be a non-empty subset of [w, l, delta, aug]; got {ab.tune}"
+            f"'autobalance.tune' must be a non-empty subset of [{', '.join(TUNABLE)}]; "
+            f"got {ab.tune}"
+        )
+    tuned_aug = [t for t in ("aug", "aug_mag") if t in ab.tune]
+    if tuned_aug and not cfg.data.augment_ops:
+        raise UserError(
+            f"autobalance.tune has {', '.join(tuned_aug)}, the per-class probability/magnitude "
+            "of the class-aware chain, but no chain is configured: set data.augment_ops (e.g. "
+            "[rotate,brightness,contrast,cutout]) or drop them from autobalance.tune"
         )
     if "aug" in ab.tune and cfg.data.augment_prob < 1:
         raise UserError(
@@ -30,11 +39,11 @@ def validate(cfg) -> None:
             "term (loss.gamma > 0) is not, so its Gauss-Newton matrix can be indefinite: use auto "
             "or hessian"
         )
-    if ab.per_group and "aug" in ab.tune:
+    if ab.per_group and tuned_aug:
         raise UserError(
             "'autobalance.per_group=true' tunes w, l, delta per (group, class) cell; the "
-            "augmentation probability stays per class and cannot be tuned with it (drop aug "
-            "from autobalance.tune)"
+            "augmentation strengths stay per class and cannot be tuned with it (drop "
+            f"{', '.join(tuned_aug)} from autobalance.tune)"
         )
     if ab.warmup_epochs >= cfg.train.epochs:
         raise UserError(

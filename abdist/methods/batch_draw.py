@@ -9,7 +9,6 @@ the batches one process would draw.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +17,10 @@ from torch import Tensor
 
 @dataclass
 class Drawn:
-    """The drawn batches, concatenated: inputs, their augmented copies (when asked), labels and
-    groups (when asked); None throughout when this rank's slices are empty."""
+    """The drawn batches, concatenated: inputs, labels and groups (when asked); None throughout
+    when this rank's slices are empty."""
 
     x: Tensor | None
-    x_aug: Tensor | None
     y: Tensor | None
     groups: Tensor | None
 
@@ -42,12 +40,11 @@ def draw_batches(
     rank: int = 0,
     world_size: int = 1,
     with_groups: bool = False,
-    augment: Callable | None = None,
 ) -> Drawn:
-    """`k` shuffled batches of `batch_size` (fewer if the split is smaller), one generator seeded
-    by (seed, step) for the order and, interleaved in batch order, for `augment(x, gen, y)`."""
+    """`k` shuffled batches of `batch_size` (fewer if the split is smaller), unaugmented, in the
+    order of one generator seeded by (seed, step)."""
     gen = torch.Generator().manual_seed(draw_seed(seed, step))
-    xs, xas, ys, gs = [], [], [], []
+    xs, ys, gs = [], [], []
     for batch in split.batches(
         batch_size,
         shuffle=True,
@@ -62,7 +59,5 @@ def draw_batches(
         xs.append(x)
         ys.append(y)
         gs.append(batch[2] if with_groups else None)
-        if augment is not None:
-            xas.append(augment(x, gen, y))
     cat = (lambda t: torch.cat(t).to(device)) if xs else lambda t: None  # noqa: E731
-    return Drawn(cat(xs), cat(xas) if augment else None, cat(ys), cat(gs) if with_groups else None)
+    return Drawn(cat(xs), cat(ys), cat(gs) if with_groups else None)

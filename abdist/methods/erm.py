@@ -1,9 +1,10 @@
 """Empirical risk minimisation with a fixed parametric loss (CE, LA, LDAM-DRW, ... presets).
 
-ERM's loss parameters are fixed by its preset; nothing happens between steps. With
-`data.augment_prob` < 1 a uniform share of the training samples is augmented (the control for
-AutoBalance's tuned per-class probability). With `loss.sample_weights` each sample's loss is
-weighted by 1/n(class) or 1/n(group, class) (the group-balanced reweighting baseline).
+ERM's loss parameters are fixed by its preset; nothing happens between steps. Its augmentation is
+the configured one, the same for every class (`data.augment_ops` at `data.augment_prob` and
+`data.augment_magnitude`: the control for AutoBalance's tuned per-class values). With
+`loss.sample_weights` each sample's loss is weighted by 1/n(class) or 1/n(group, class) (the
+group-balanced reweighting baseline).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from abdist.data.memory import class_aware
 from abdist.losses import ParametricLoss
 from abdist.methods.protocol import Batch, MethodSpec, SetupContext
 from abdist.methods.registry import register
@@ -29,13 +29,9 @@ class ERM:
 
     @classmethod
     def build(cls, ctx: SetupContext) -> ERM:
-        augment = ctx.augment
-        if augment is not None and ctx.cfg.data.augment_prob < 1:
-            p = torch.full((ctx.data.num_classes,), ctx.cfg.data.augment_prob)
-            augment = class_aware(augment, p)
         loss = ParametricLoss(ctx.loss_spec).to(ctx.device)
         weighted = ctx.cfg.loss.sample_weights != "none"
-        return cls(loss, augment, ctx.data.class_counts, weighted)
+        return cls(loss, ctx.augment, ctx.data.class_counts, weighted)
 
     def train_augment(self):
         return self.augment

@@ -85,7 +85,8 @@ class SetupContext:
     data: Any  # the data bundle: train / val / test splits, class_counts, num_groups, ...
     model: nn.Module  # the bare network (features + head)
     loss_spec: Any  # abdist.losses.LossSpec of the configured preset
-    augment: Callable | None  # the configured base augmentation (before any class-aware part)
+    augment: Any  # the run's TrainAugment (abdist/data/augment.py) or None; a method may tune
+    # its per-class table (augment.table.set) between steps
     device: torch.device
     comm: Any  # abdist.engine.dist.Dist: rank, world_size and the collectives
     phase: Phase = field(default_factory=lambda: Phase("train"))
