@@ -5,7 +5,8 @@
                                                # log.jsonl less its "seconds"; exit 1 otherwise
 
 The runs: digits-LT CE, LA, LDAM-DRW and AutoBalance (tune=[w,l,delta,aug]); AutoBalance with
-per (group, class) cells on digits shards with two groups; LA streamed from those shards with 2
+per (group, class) cells on digits shards with two groups (without the class-aware chain, so it
+compares with records made before the chain existed); LA streamed from those shards with 2
 loader workers; a 2-rank DDP AutoBalance run under torchrun (gloo). Everything is seeded and runs
 on this machine's kernels, so compare only records made on the same machine. Prints one final
 JSON line.
@@ -38,7 +39,7 @@ def _runs(shards: Path) -> dict[str, list[str]]:
                         "data.augment_pad=1"],
         "per_group": [str(CFG / "autobalance.yaml"), *SHORT, *on_shards, "method.per_group=true",
                       "method.tune=[w,l]", "method.objective=equal_opportunity_gap",
-                      "train.positive_class=3"],
+                      "train.positive_class=3", "data.augment_ops=[]"],
         "streamed": [str(CFG / "la.yaml"), "train.epochs=3", *on_shards, "data.in_memory=false",
                      "data.workers=2"],
     }  # fmt: skip

@@ -75,10 +75,14 @@ class RandomCropFlip:
         cols = cols + dx[:, None] - pad  # [B, W] source columns
         inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         src = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
-        src = torch.where(inside, src, h * w).view(b, 1, h * w).expand(b, c, h * w)
-        # Index h*w points at an appended zero pixel: the padding.
-        flat = torch.cat([x.reshape(b, c, h * w), x.new_zeros(b, c, 1)], dim=2)
-        return flat.gather(2, src.to(x.device)).view(b, c, h, w)
+        src = torch.where(inside, src, h * w).view(b, h * w, 1).expand(b, h * w, c)
+        # Index h*w points at an appended zero pixel: the padding. The gather runs over
+        # [B, H*W, C] and returns permute(...).contiguous(), the layout the original shift
+        # produced: with C=1 that leaves channels-last strides, which select the convolution
+        # kernels, so runs stay bitwise what they were.
+        flat = torch.cat([x.reshape(b, c, h * w).transpose(1, 2), x.new_zeros(b, 1, c)], dim=1)
+        out = flat.gather(1, src.to(x.device)).view(b, h, w, c)
+        return out.permute(0, 3, 1, 2).contiguous()
 
     def __repr__(self) -> str:
         return f"RandomCropFlip(pad={self.pad}, flip={self.flip})"
