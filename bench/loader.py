@@ -4,10 +4,11 @@
 
 (a) ``torchvision``: ImageFolder over extracted JPEG files + DataLoader, per-image PIL transforms
     RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize.
-(b) ``abdist_wds``: :class:`abdist.data.loader.ShardSplit` over WebDataset shards holding the very
-    same JPEG bytes, with the same crop + flip (``RandomCropFlip``) AND the class-aware
-    RandAugment-style chain (``ClassAwareAugment``; per-class probability 0.2 .. 0.8, magnitude
-    0.5), i.e. strictly more work per image than (a).
+(b) ``abdist_wds``: what ``abdist train`` runs on streamed shards: ``ShardSplit`` over
+    WebDataset shards of the very same JPEG bytes, the class-aware RandAugment-style chain in the
+    loader workers (per-class probability 0.2 .. 0.8, magnitude 0.5, read from the shared table)
+    and crop + flip on the batch, built by ``build_train_augment`` from the data config, i.e.
+    strictly more work per image than (a).
 (c) ``ffcv``: :class:`abdist.data.ffcv_backend.FFCVSplit` over a ``.beton`` of the same JPEG
     bytes with the same augmentation (two epochs: the first includes numba's JIT); null, with the
     reason, when the ``ffcv`` extra is not installed.
@@ -175,24 +176,37 @@ def torchvision_pipeline(folder: Path, batch_size: int, workers: int):
     )
 
 
-def abdist_split(shards: Path, workers: int, class_aware: bool = True):
-    from abdist.data.augment import AugmentTable, ClassAwareAugment, RandomCropFlip
+def train_augment(class_aware: bool = True):
+    """The augmentation `abdist train` builds (abdist.data.augment.build_train_augment) for
+    `data.augment_pad=4 data.augment_flip=true` and, with ``class_aware``, the chain
+    `data.augment_ops=[rotate,translate,brightness,contrast,hflip,cutout]` at magnitude 0.5, its
+    per-class probabilities set to 0.2 .. 0.8 as a tuned run's would be. Every table version is
+    published up front (no training loop here), so the workers never wait for one."""
+    from abdist.config import load_config
+    from abdist.data.augment import build_train_augment
+
+    ops = "[rotate,translate,brightness,contrast,hflip,cutout]" if class_aware else "[]"
+    over = ["data.augment_pad=4", "data.augment_flip=true", f"data.augment_ops={ops}"]
+    cfg = load_config(None, [*over, "data.augment_magnitude=0.5"])
+    augment = build_train_augment(cfg.data, 10, (CIFAR_MEAN, CIFAR_STD), seed=0)
+    if augment.table is not None:
+        augment.table.set(probability=torch.linspace(0.2, 0.8, 10))
+        augment.publish(10**12)
+    return augment
+
+
+def abdist_split(shards: Path, workers: int):
     from abdist.data.loader import ShardSplit
 
-    table = AugmentTable(10, magnitude=0.5, probability=torch.linspace(0.2, 0.8, 10))
-    base = RandomCropFlip(4, flip=True)
-    augment = ClassAwareAugment(table, base) if class_aware else _BaseOnly(base)
-    return ShardSplit(shards, "train", num_workers=workers, shuffle_buffer=1000, augment=augment)
+    return ShardSplit(shards, "train", num_workers=workers, shuffle_buffer=1000)
 
 
-class _BaseOnly:
-    """Crop + flip only (no class-aware chain): to price the chain in the profile."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __call__(self, x, y, generator=None):
-        return self.base(x, generator)
+def training_batches(split, batch_size: int, generator, augment):
+    """One training pass as the trainer asks for it (abdist/engine/trainer.py)."""
+    return split.batches(
+        batch_size, shuffle=True, generator=generator, drop_last=True, augment=augment,
+        first_batch=0,
+    )  # fmt: skip
 
 
 def bench_ffcv(pairs=None, names=None, tmp: Path | None = None, args=None):
@@ -215,7 +229,6 @@ def bench_ffcv(pairs=None, names=None, tmp: Path | None = None, args=None):
         )
     if pairs is None or tmp is None or args is None:
         return None, "no data given to the FFCV benchmark", None
-    from abdist.data.augment import AugmentTable, ClassAwareAugment, RandomCropFlip
     from abdist.data.ffcv_backend import FFCVSplit
     from abdist.data.ffcv_files import write_ffcv_split
     from abdist.data.shards import Record
@@ -236,12 +249,11 @@ def bench_ffcv(pairs=None, names=None, tmp: Path | None = None, args=None):
         "splits": {"train": {"num_samples": len(pairs), "class_counts": counts, "shards": shards}},
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
-    table = AugmentTable(10, magnitude=0.5, probability=torch.linspace(0.2, 0.8, 10))
-    augment = ClassAwareAugment(table, RandomCropFlip(4, flip=True))
-    split = FFCVSplit(root, "train", num_workers=args.workers, augment=augment)
+    augment = train_augment()
+    split = FFCVSplit(root, "train", num_workers=args.workers)
     g = torch.Generator().manual_seed(0)
-    first = time_epoch(split.batches(args.batch_size, shuffle=True, generator=g, drop_last=True))
-    second = time_epoch(split.batches(args.batch_size, shuffle=True, generator=g, drop_last=True))
+    first = time_epoch(training_batches(split, args.batch_size, g, augment))
+    second = time_epoch(training_batches(split, args.batch_size, g, augment))
     run = {**first, "second_epoch": second, "write_seconds": round(write_s, 2)}
     log(f"(c) ffcv: {run}")
     reason = (
@@ -259,8 +271,8 @@ def profile_stages(shards: Path, folder: Path, n: int, batch_size: int) -> dict:
     import torchvision.transforms as T
     from PIL import Image
 
-    from abdist.data import loader as L
-    from abdist.data.augment import AugmentTable, ClassAwareAugment, RandomCropFlip
+    from abdist.data.samples import decode_image
+    from abdist.data.tar_reader import shard_samples
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -269,7 +281,7 @@ def profile_stages(shards: Path, folder: Path, n: int, batch_size: int) -> dict:
     out = {}
 
     t = time.perf_counter()
-    samples = [s for _, s in zip(range(n), L.shard_samples(path, 0, n))]
+    samples = [s for _, s in zip(range(n), shard_samples(path, 0, n))]
     n = len(samples)
     out["tar_read"] = (time.perf_counter() - t) / n * 1e6
     from webdataset.tariterators import tar_file_iterator
@@ -284,11 +296,11 @@ def profile_stages(shards: Path, folder: Path, n: int, batch_size: int) -> dict:
     out["tar_read_webdataset_tarfile"] = (time.perf_counter() - t) / n * 1e6
 
     t = time.perf_counter()
-    images = [L.decode_image(fields["jpg"], 3, "torchvision") for _, _, fields in samples]
+    images = [decode_image(fields["jpg"], 3, "torchvision") for _, _, fields in samples]
     out["decode_torchvision"] = (time.perf_counter() - t) / n * 1e6
     t = time.perf_counter()
     for _, _, fields in samples:
-        L.decode_image(fields["jpg"], 3, "pil")
+        decode_image(fields["jpg"], 3, "pil")
     out["decode_pil"] = (time.perf_counter() - t) / n * 1e6
 
     labels = torch.tensor([int(fields["cls"]) for _, _, fields in samples])
@@ -299,13 +311,13 @@ def profile_stages(shards: Path, folder: Path, n: int, batch_size: int) -> dict:
     x = batch.float().div_(255)
     out["collate_to_float"] = (time.perf_counter() - t) / n * 1e6
 
-    table = AugmentTable(10, magnitude=0.5, probability=torch.linspace(0.2, 0.8, 10))
-    base, aug = RandomCropFlip(4), ClassAwareAugment(table)
+    augment = train_augment()
+    base, aug = augment.base, augment.chain
     g = torch.Generator().manual_seed(0)
     chunks = [(x[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, n, batch_size)]
     t = time.perf_counter()
     for xb, _ in chunks:
-        base(xb, g)
+        base(xb, None, g)
     out["crop_flip_batched"] = (time.perf_counter() - t) / n * 1e6
     t = time.perf_counter()
     for xb, yb in chunks:
@@ -365,7 +377,7 @@ def resnet32_keep_up(split, steps: int, batch_size: int) -> dict:
         opt.step()
         return time.perf_counter() - t
 
-    it = split.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(1))
+    it = training_batches(split, batch_size, torch.Generator().manual_seed(1), train_augment())
     fixed = next(it)
     step(*fixed)  # warm-up; the workers are started and prefetching
     resident, fed = [], []
@@ -450,12 +462,11 @@ def main(argv=None) -> dict:
         split = abdist_split(shards, args.workers)
         g = torch.Generator().manual_seed(0)
         runs["abdist_wds"] = time_epoch(
-            split.batches(args.batch_size, shuffle=True, generator=g, drop_last=True)
+            training_batches(split, args.batch_size, g, train_augment())
         )
         log(f"(b) abdist_wds: {runs['abdist_wds']}")
-        plain = abdist_split(shards, args.workers, class_aware=False)
         runs["abdist_wds_crop_flip_only"] = time_epoch(
-            plain.batches(args.batch_size, shuffle=True, generator=g, drop_last=True)
+            training_batches(split, args.batch_size, g, train_augment(class_aware=False))
         )
         log(f"(b') abdist_wds, crop+flip only: {runs['abdist_wds_crop_flip_only']}")
         ffcv_rate, ffcv_reason, runs["ffcv"] = bench_ffcv(pairs, names, Path(tmp), args)
