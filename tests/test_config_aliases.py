@@ -23,12 +23,28 @@ def test_every_autobalance_key_has_its_old_name():
     assert {f"method.{n}": f"autobalance.{n}" for n in names} == ALIASES
 
 
+def old_shape(config: dict) -> dict:
+    """`config` (a dict of config.yaml) as main wrote it before the move: autobalance.* in method."""
+    config = dict(config)
+    config["method"] = {**config["method"], **config.pop("autobalance")}
+    return config
+
+
 def test_an_old_config_yaml_loads_as_the_new_shape():
     old = yaml.safe_load(OLD.read_text())
     assert "tune" in old["method"] and "autobalance" not in old  # really the old shape
+    # At d87bb0a `aug` tuned the per-class probability of the crop/flip; it now tunes the
+    # class-aware chain's, so a file that tunes it without a chain is refused, saying what to set.
+    with pytest.raises(UserError, match=r"tune has aug.*no chain is configured.*augment_ops"):
+        config_from_dict(old, str(OLD))
+    old["data"]["augment_ops"] = ["translate", "brightness", "contrast", "cutout"]
+    old["method"]["tune"] = ["w", "l", "delta", "aug", "aug_mag"]
     cfg = config_from_dict(old, str(OLD))
     assert cfg.to_dict() == load_config(AB, SAME).to_dict()
-    assert cfg.autobalance.tune == ["w", "l", "delta", "aug"] and cfg.autobalance.warmup_epochs == 1
+    assert (
+        cfg.autobalance.tune[:4] == ["w", "l", "delta", "aug"]
+        and cfg.autobalance.warmup_epochs == 1
+    )
     written = yaml.safe_load(cfg.to_yaml())  # what a run directory gets now
     assert set(written["method"]) == {"name"} and written["autobalance"]["hyper_interval"] == 5
 
@@ -54,7 +70,7 @@ def test_autobalance_checks_run_only_for_autobalance():
 
 
 def test_a_run_directory_of_the_old_shape_resumes(tmp_path):
-    """A finished run, its config.yaml files replaced by the old shape and its final test passes
+    """A finished run, its config.yaml files rewritten in the old shape and its final test passes
     undone (as if killed there): the rerun resumes and writes byte-identical metrics."""
     ref = tmp_path / "ref"
     r = run_cli("train", AB, "--out", ref, *SAME)
@@ -62,7 +78,9 @@ def test_a_run_directory_of_the_old_shape_resumes(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ref, run)
     for d in (run, run / "search", run / "retrain"):
-        shutil.copy(OLD, d / "config.yaml")
+        written = yaml.safe_load((d / "config.yaml").read_text())
+        (d / "config.yaml").write_text(yaml.safe_dump(old_shape(written), sort_keys=False))
+        assert "\nautobalance:" not in (d / "config.yaml").read_text()
     for f in (run / "metrics.json", run / "retrain" / "metrics.json", run / "alpha.json"):
         f.unlink()
     r = run_cli("train", AB, "--out", run, *SAME)

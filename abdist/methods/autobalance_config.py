@@ -25,7 +25,9 @@ def validate(cfg) -> None:
         raise UserError(
             f"autobalance.tune has {', '.join(tuned_aug)}, the per-class probability/magnitude "
             "of the class-aware chain, but no chain is configured: set data.augment_ops (e.g. "
-            "[rotate,brightness,contrast,cutout]) or drop them from autobalance.tune"
+            "[rotate,brightness,contrast,cutout]) or drop them from autobalance.tune (in configs "
+            "written before the chain, aug tuned the crop/flip's probability, now the fixed "
+            "data.augment_prob)"
         )
     if "aug" in ab.tune and cfg.data.augment_prob < 1:
         raise UserError(
