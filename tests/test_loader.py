@@ -454,6 +454,35 @@ def test_batches_augment_hook_runs_on_normalised_batches(tmp_path):
     assert calls == [gen, gen]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_crop_flip_runs_in_the_workers_seeded_by_pass_seed_rank_and_batch(tmp_path, workers):
+    """A TrainAugment's crop/flip is drawn in the loader workers, batch `index` from a generator
+    seeded by (the pass seed drawn from the epoch's generator, the rank, index): whichever worker
+    makes a batch, and without touching the epoch generator after the pass seed."""
+    from abdist.data.augment import RandomCropFlip, TrainAugment
+    from abdist.data.planning import derive_seed, seed_from
+
+    write_shards(tmp_path, {"train": [30, 30]})
+    split = ShardSplit(tmp_path, "train", rank=1, world_size=2, num_workers=workers,
+                       shuffle_buffer=8, multiprocessing_context="fork")  # fmt: skip
+    crop = RandomCropFlip(2, flip=True)
+    aug = TrainAugment(None, crop, tuple(split.mean), tuple(split.std))
+
+    def epoch(augment):
+        gen = torch.Generator().manual_seed(4)
+        out = list(split.batches(6, shuffle=True, generator=gen, augment=augment, first_batch=9))
+        return out, gen.get_state()
+
+    (got, after), (plain, plain_after) = epoch(aug), epoch(None)
+    assert torch.equal(after, plain_after)  # the crop took nothing from the epoch's generator
+    pass_seed = seed_from(torch.Generator().manual_seed(4))
+    assert len(got) == len(plain) == 10  # 60 samples, global batch 6
+    for k, ((x, y), (x0, y0)) in enumerate(zip(got, plain)):
+        g = torch.Generator().manual_seed(derive_seed(pass_seed, "crop", 1, 9 + k))
+        assert torch.equal(y, y0) and torch.equal(x, crop(x0, y0, g)), k
+        assert not torch.equal(x, x0)
+
+
 # --- real ranks: gloo + all_gather_object --------------------------------------------------------
 
 

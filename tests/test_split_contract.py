@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from abdist.data.augment import AugmentTable, ClassAwareAugment, RandomCropFlip, TrainAugment
 from abdist.data.ffcv_backend import FFCVSplit
 from abdist.data.loader import ShardSplit
 from abdist.data.prepare import PrepareOptions, prepare
@@ -137,3 +138,49 @@ def test_groups_when_asked_match_each_sample(backend, dirs):
     for _, y, ids, g in split.batches(5, shuffle=False, with_ids=True, with_groups=True):
         got.update(zip(ids.tolist(), zip(y.tolist(), g.tolist())))
     assert got == reference and len({g for _, g in got.values()}) == 2
+
+
+def _train_augment(split, num_classes):
+    """What `abdist train` builds from a data config with a chain and crop/flip on: per-class
+    probabilities 0.3 .. 0.9, so some samples are chained and some are not."""
+    table = AugmentTable(
+        num_classes, magnitude=0.6, probability=torch.linspace(0.3, 0.9, num_classes), lag=1
+    )
+    chain = ClassAwareAugment(table, ops=["brightness", "translate", "cutout"], num_ops=2, seed=7)
+    return TrainAugment(chain, RandomCropFlip(2, flip=True), tuple(split.mean), tuple(split.std))
+
+
+def _augmented_epoch(backend, dirs, epoch, n, resumed):
+    """Epoch `epoch` of a run (generator and first batch as the trainer makes them), on a fresh
+    split and table when `resumed` (as a resumed run starts it), else after epochs 0..epoch-1."""
+    split = open_split(backend, dirs, "train", 0, 2)
+    aug = _train_augment(open_split("wds0", dirs, "train"), 4)
+    out = None
+    for e in [epoch] if resumed else range(epoch + 1):
+        aug.table.publish(e * n - 1)  # where the resumed table's state says it is
+        gen = torch.Generator().manual_seed(100 + e)
+        batches = split.batches(B, shuffle=True, generator=gen, drop_last=True, with_ids=True,
+                                augment=aug, first_batch=e * n)  # fmt: skip
+        out = []
+        for k, batch in enumerate(batches):
+            out.append(batch)
+            aug.table.publish(e * n + k)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augmented_training_is_a_function_of_the_generator_and_batch_index(backend, dirs):
+    """With the run's augmentation (chain + crop/flip), an epoch is the same whether the split
+    ran the epochs before it or was opened fresh (a resumed run); the augmentation takes none of
+    the order's randomness (same ids as without it) and really changes the pixels."""
+    n = open_split(backend, dirs, "train").num_batches(B, drop_last=True)
+    after = _augmented_epoch(backend, dirs, 1, n, resumed=False)
+    fresh = _augmented_epoch(backend, dirs, 1, n, resumed=True)
+    assert len(after) == len(fresh) == n
+    for a, b in zip(after, fresh):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    split = open_split(backend, dirs, "train", 0, 2)
+    plain = list(split.batches(B, shuffle=True, generator=torch.Generator().manual_seed(101),
+                               drop_last=True, with_ids=True))  # fmt: skip
+    assert all(torch.equal(a[2], p[2]) for a, p in zip(after, plain, strict=True))
+    assert all(not torch.equal(a[0], p[0]) for a, p in zip(after, plain))

@@ -12,8 +12,10 @@ A training batch gets, in this order:
    seeded by (``train.seed``, the rank's stream, the batch index), never from the epoch's
    generator, so switching the chain on or off leaves every other draw of the run as it was.
 2. the **base crop/flip** (:class:`RandomCropFlip`: ``data.augment_pad`` zero padding of the
-   normalised image, i.e. the dataset mean, and ``data.augment_flip``), class-independent, drawn
-   from the epoch's generator in the training process on every path.
+   normalised image, i.e. the dataset mean, and ``data.augment_flip``), class-independent: in
+   the loader workers after normalisation for streamed WebDataset shards, each batch drawing
+   from a generator seeded by (the pass seed, the rank, the batch index); in the training
+   process, drawn from the epoch's generator, in memory and on FFCV.
 
 Every callable here has one signature, ``augment(x, y, generator=None, batch=None) -> x``: images,
 their labels, the generator to draw from (or None) and the batch's index (what the table lookup
@@ -269,16 +271,21 @@ def build_train_augment(
     return TrainAugment(chain, base, tuple(mean), tuple(std))
 
 
-def split_augment(augment, num_classes: int):
-    """(loader-side chain, in-process hook) of a training augmentation: a ``TrainAugment``'s
-    class-aware chain runs where the pixels are decoded (WebDataset workers, FFCV's loader
-    thread), its crop/flip (drawn from the epoch's generator) in the training process; any other
-    callable runs whole in the process."""
+def split_augment(augment, num_classes: int, *, base_in_loader: bool = False):
+    """Where each part of a training augmentation runs: ``(chain, base, hook)``.
+
+    A ``TrainAugment``'s class-aware ``chain`` runs where the pixels are decoded (WebDataset
+    workers, FFCV's loader thread). Its crop/flip ``base`` runs there too when
+    ``base_in_loader`` (the WebDataset workers, each batch drawing from a generator seeded by the
+    pass seed and the batch index), else it is the in-process ``hook`` (drawn from the epoch's
+    generator). Any other callable is the hook and runs whole in the process."""
     if not isinstance(augment, TrainAugment):
-        return None, augment
+        return None, None, augment
     chain = augment.chain
     if chain is not None and chain.num_classes != num_classes:
         raise UserError(
             f"augment is built for {chain.num_classes} classes, the data has {num_classes}"
         )
-    return chain, augment.base
+    if base_in_loader:
+        return chain, augment.base, None
+    return chain, None, augment.base

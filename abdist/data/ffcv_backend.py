@@ -328,7 +328,7 @@ class FFCVSplit:
         last = n_batches - 1  # the batch that may hold padding
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
-        chain, hook = split_augment(augment, self._num_classes)
+        chain, _, hook = split_augment(augment, self._num_classes)
         if not shuffle:
             chain = hook = None
         op.start_pass(aug_seed >> 1, chain=chain, first_batch=first_batch, stream=rank)

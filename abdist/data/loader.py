@@ -283,10 +283,11 @@ class ShardSplit:
         across ranks and workers, in batches of ``batch_size`` per worker (``drop_last`` drops
         each worker's short last batch).
 
-        ``augment`` (training passes): a :class:`~abdist.data.augment.TrainAugment` runs its
-        class-aware chain in the workers, on [0, 1] pixels before normalisation, and its base
-        crop/flip here on the normalised batch, drawn from ``generator``; any other callable
-        ``augment(x, y, generator, batch)`` runs here. ``first_batch`` is the run-wide index of
+        ``augment`` (training passes): a :class:`~abdist.data.augment.TrainAugment` runs
+        whole in the workers: its class-aware chain on [0, 1] pixels before normalisation, its
+        base crop/flip on the normalised batch, drawn from a generator seeded by the pass seed
+        (itself from ``generator``), the rank and the batch's index; any other callable
+        ``augment(x, y, generator, batch)`` runs here, drawing from ``generator``. ``first_batch`` is the run-wide index of
         the pass's first batch (batch ``first_batch + k`` is the pass's ``k``-th), which the
         chain's table lookup needs.
 
@@ -320,9 +321,9 @@ class ShardSplit:
             n_batches = epoch_batches(src.num_samples, batch_size, drop_last)
         else:
             seed, n_batches, size = 0, 0, batch_size
-        chain, hook = split_augment(augment, self.num_classes)
+        chain, base, hook = split_augment(augment, self.num_classes, base_in_loader=True)
         if not shuffle:
-            chain = hook = None
+            chain = base = hook = None
         data = StreamPass(
             src,
             train=shuffle,
@@ -330,6 +331,7 @@ class ShardSplit:
             n_batches=n_batches,
             seed=seed,
             chain=chain,
+            base=base,
             first_batch=first_batch,
         )
         if workers == 0:

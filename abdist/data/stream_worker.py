@@ -2,7 +2,8 @@
 
 A slot reads its planned range of shard positions (abdist/data/planning.py) through the tar
 reader, shuffles it through a buffer (training), decodes and batches it (abdist/data/samples.py),
-applies the class-aware chain (training passes) and the normalisation, and sends each batch with
+applies the class-aware chain (training passes), the normalisation and the crop/flip (training
+passes), and sends each batch with
 the bad samples it met, so the training process counts and warns (no lost updates between
 workers).
 
@@ -113,14 +114,17 @@ class StreamPass(IterableDataset):
         n_batches: int,
         seed: int,
         chain: Any = None,
+        base: Any = None,
         first_batch: int | None = None,
     ) -> None:
         """``chain``: the class-aware ``ClassAwareAugment`` run on training batches (in [0, 1],
-        before normalisation); ``first_batch``: the run-wide index of the pass's first batch."""
+        before normalisation); ``base``: the crop/flip run on them after normalisation (so its
+        zero padding is the dataset mean); ``first_batch``: the run-wide index of the pass's
+        first batch."""
         super().__init__()
         self.src, self.train, self.batch_size = src, train, batch_size
         self.n_batches, self.seed = n_batches, seed
-        self.chain, self.first_batch = chain, first_batch
+        self.chain, self.base, self.first_batch = chain, base, first_batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -230,6 +234,11 @@ class SlotRun:
                     f"{images.shape[1]}"
                 )
         x = x.sub_(self.mean).div_(self.std)
+        if index is not None and self.p.base is not None:
+            # Its own generator per batch (not the slot's stream): the draws depend only on the
+            # pass seed, the rank and the batch index, whichever worker makes the batch.
+            seed = derive_seed(self.p.seed, "crop", self.src.rank, index)
+            x = self.p.base(x, y, torch.Generator().manual_seed(seed))
         ids_t, groups_t = (torch.tensor(v, dtype=torch.int64) for v in (ids, groups))
         return "batch", (x.contiguous(), y, ids_t, groups_t, index), self.take_records()
 
