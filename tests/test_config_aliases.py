@@ -24,7 +24,7 @@ def test_every_autobalance_key_has_its_old_name():
 
 
 def old_shape(config: dict) -> dict:
-    """`config` (a dict of config.yaml) as main wrote it before the move: autobalance.* in method."""
+    """`config` (config.yaml as a dict) in the shape main wrote before: autobalance.* in method."""
     config = dict(config)
     config["method"] = {**config["method"], **config.pop("autobalance")}
     return config

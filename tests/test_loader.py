@@ -578,3 +578,30 @@ def test_group_ids_stream_with_their_samples_and_bad_ones_are_skipped(tmp_path):
     assert "no .grp member" in messages[0] and "group 3 outside [0, 3)" in messages[1]
     assert seen == {i: i % 3 for i in range(21) if i not in (3, 8)}
     assert split.bad_sample_counts["total"] == 2
+
+
+def test_torchvision_decode_op_gives_the_public_decoders_pixels():
+    """decode_image calls torchvision's registered op directly (no per-call wrapper overhead):
+    on colour and grayscale JPEGs and PNGs, read as RGB and as gray, it must give exactly what
+    torchvision.io.decode_image gives, and PNGs in their own mode exactly what PIL gives."""
+    from PIL import Image
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as public
+
+    from abdist.data.samples import decode_image
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    for mode in ("RGB", "L"):
+        for fmt in ("JPEG", "PNG"):
+            buf = io.BytesIO()
+            Image.fromarray(pixels).convert(mode).save(buf, format=fmt)
+            data = buf.getvalue()
+            for channels, read in ((3, ImageReadMode.RGB), (1, ImageReadMode.GRAY)):
+                got = decode_image(data, channels, "torchvision")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    want = public(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=read)
+                assert got.shape == (channels, 12, 10) and torch.equal(got, want), (mode, fmt)
+                if fmt == "PNG" and channels == len(mode):  # PIL's RGB -> L rounds otherwise
+                    assert torch.equal(got, decode_image(data, channels, "pil")), (mode, channels)

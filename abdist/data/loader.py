@@ -287,9 +287,9 @@ class ShardSplit:
         whole in the workers: its class-aware chain on [0, 1] pixels before normalisation, its
         base crop/flip on the normalised batch, drawn from a generator seeded by the pass seed
         (itself from ``generator``), the rank and the batch's index; any other callable
-        ``augment(x, y, generator, batch)`` runs here, drawing from ``generator``. ``first_batch`` is the run-wide index of
-        the pass's first batch (batch ``first_batch + k`` is the pass's ``k``-th), which the
-        chain's table lookup needs.
+        ``augment(x, y, generator, batch)`` runs here, drawing from ``generator``.
+        ``first_batch`` is the run-wide index of the pass's first batch (batch ``first_batch + k``
+        is the pass's ``k``-th), which the chain's table lookup needs.
 
         ``rank`` / ``world_size`` serve another place than the split's own for this pass (e.g.
         ``rank=0, world_size=1``: the whole stream, the same on every rank). ``max_batches``
