@@ -7,7 +7,9 @@
 The runs: digits-LT CE, LA, LDAM-DRW and AutoBalance (tune=[w,l,delta,aug]); AutoBalance with
 per (group, class) cells on digits shards with two groups (without the class-aware chain, so it
 compares with records made before the chain existed); LA streamed from those shards with 2
-loader workers; a 2-rank DDP AutoBalance run under torchrun (gloo). Everything is seeded and runs
+loader workers; LA on small CIFAR-style RGB shards (JPEG and PNG, generated) with 4-pixel shift
+and flip, in memory and streamed with 2 workers; a 2-rank DDP AutoBalance run under torchrun
+(gloo). Everything is seeded and runs
 on this machine's kernels, so compare only records made on the same machine. Prints one final
 JSON line.
 """
@@ -28,8 +30,11 @@ QUIET = ["tracking.progress=never", "train.threads=1"]
 SHORT = ["train.epochs=4", "method.warmup_epochs=1"]
 
 
-def _runs(shards: Path) -> dict[str, list[str]]:
+def _runs(shards: Path, rgb: Path) -> dict[str, list[str]]:
     on_shards = ["data.source=shards", f"data.root={shards}"]
+    on_rgb = ["data.source=shards", f"data.root={rgb}", "data.augment_pad=4",
+              "data.augment_flip=true", "train.epochs=3", "train.many_shot_min=40",
+              "train.few_shot_max=10"]  # fmt: skip
     return {
         "ce": [str(CFG / "ce.yaml")],
         "la": [str(CFG / "la.yaml")],
@@ -42,7 +47,30 @@ def _runs(shards: Path) -> dict[str, list[str]]:
                       "train.positive_class=3", "data.augment_ops=[]"],
         "streamed": [str(CFG / "la.yaml"), "train.epochs=3", *on_shards, "data.in_memory=false",
                      "data.workers=2"],
+        "rgb_memory": [str(CFG / "la.yaml"), *on_rgb],
+        "rgb_streamed": [str(CFG / "la.yaml"), *on_rgb, "data.in_memory=false", "data.workers=2"],
     }  # fmt: skip
+
+
+def _rgb_tree(root: Path) -> None:
+    """A small long-tailed RGB image tree (train 80/40/20/10 per class, test 20 each; every
+    third image a PNG), the same bytes on every call: CIFAR's shape at 16x16."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", (80, 40, 20, 10)), ("test", (20,) * 4)):
+        for c, n in enumerate(counts):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            tint = np.array([(c * 60) % 256, 255 - c * 50, 40 + c * 40])
+            for k in range(n):
+                noise = rng.integers(0, 120, (16, 16, 3))
+                im = Image.fromarray(((noise + tint) % 256).astype(np.uint8))
+                if k % 3 == 2:
+                    im.save(d / f"{k:03d}.png")
+                else:
+                    im.save(d / f"{k:03d}.jpg", quality=90)
 
 
 def _env() -> dict[str, str]:
@@ -63,8 +91,14 @@ def record(out: Path) -> dict:
         cmd = [sys.executable, "-m", "abdist", "prepare", "digits", str(shards),
                "--imbalance-ratio", "10", "--groups", str(csv), "--shard-size", "200"]  # fmt: skip
         _check(subprocess.run(cmd, env=_env(), capture_output=True, text=True), "prepare")
+    rgb = out / "rgb_shards"
+    if not rgb.is_dir():
+        _rgb_tree(out / "rgb_tree")
+        cmd = [sys.executable, "-m", "abdist", "prepare", str(out / "rgb_tree"), str(rgb),
+               "--val", "0.2", "--seed", "0", "--shard-size", "60"]  # fmt: skip
+        _check(subprocess.run(cmd, env=_env(), capture_output=True, text=True), "prepare rgb")
     seconds = {}
-    for name, args in _runs(shards).items():
+    for name, args in _runs(shards, rgb).items():
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "abdist", "train", args[0], "--out", str(out / name),
                *args[1:], *QUIET]  # fmt: skip
@@ -91,7 +125,8 @@ def _outputs(run: Path) -> dict[str, bytes]:
 
 
 def compare(a: Path, b: Path) -> dict:
-    names = sorted(p.name for p in a.iterdir() if p.is_dir() and p.name != "shards")
+    skip = {"shards", "rgb_shards", "rgb_tree"}
+    names = sorted(p.name for p in a.iterdir() if p.is_dir() and p.name not in skip)
     differ, compared = [], 0
     for name in names:
         fa, fb = _outputs(a / name), _outputs(b / name)
