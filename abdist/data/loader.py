@@ -367,7 +367,8 @@ class ShardSplit:
                     break
                 if kind != "batch":
                     continue
-                x, y, idx, g, index = payload
+                x, meta, index = payload
+                y, idx, g = torch.from_numpy(meta).unbind(0)
                 if not shuffle and drop_last and len(y) < batch_size:
                     continue
                 batch = None if first_batch is None else first_batch + yielded
