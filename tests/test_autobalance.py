@@ -296,3 +296,50 @@ def test_per_group_cells_tiled_from_class_vectors_reproduce_the_class_level_step
     assert torch.allclose(ab.training_loss(model, Batch(x, y, g)), manual, rtol=1e-5)
     with pytest.raises(ValueError, match="group ids"):
         ab.training_loss(model, Batch(x, y))
+
+
+@pytest.mark.parametrize("scope", ["head", "full"])
+def test_aug_mag_hyper_step_solves_at_the_fixed_input_with_the_same_hypergradient(
+    scope, monkeypatch
+):
+    """With aug_mag the augmented input moves with α. The hyper step hands the solve the
+    augmented batch's network input computed once (outputs_fixed) so the curvature products
+    never run the chain and backbone back to α: it must give the outputs of the α-moving
+    closure exactly, and the hypergradient the closure alone gives."""
+    import dataclasses
+
+    import abdist.methods.autobalance_hyper as hyper
+    from abdist.data.digits import load_digits_lt
+
+    data = load_digits_lt(imbalance_ratio=10, seed=0)
+    cfg = load_config(None, ["method.name=autobalance", f"autobalance.scope={scope}",
+                             "autobalance.solver_iterations=5", "autobalance.damping=0.1",
+                             "autobalance.tune=[l,aug,aug_mag]", "train.batch_size=32",
+                             "data.augment_ops=[translate,brightness,contrast]"])  # fmt: skip
+    model = create_model("small_cnn", 10, in_channels=1, image_size=8)
+    ab = AutoBalance(cfg, data, build_loss_spec("la", data.class_counts),
+                     build_augment(cfg.data, data, seed=0), "cpu")  # fmt: skip
+    calls = []
+    real = hyper.hypergradient
+
+    def spy(train_loss, val_loss, params, alpha, **kw):
+        out = real(train_loss, val_loss, params, alpha, **kw)
+        # α as the solve saw it (the upper step then updates the coordinator's α in place)
+        alpha = {k: v.clone() for k, v in alpha.items()}
+        calls.append((train_loss, val_loss, params, alpha, kw, out))
+        return out
+
+    monkeypatch.setattr(hyper, "hypergradient", spy)
+    model.eval()  # the hyper step's mode, for the comparisons below
+    ab.hyper_step(model, 0)
+    ((train_loss, val_loss, params, alpha, kw, (grad, info)),) = calls
+    assert train_loss.takes_alpha and train_loss.outputs_fixed is not None
+    with torch.no_grad():
+        for fixed, moving in zip(train_loss.outputs_fixed(params),
+                                 train_loss.outputs(params, alpha)):  # fmt: skip
+            assert torch.equal(fixed, moving)
+    plain = dataclasses.replace(train_loss, outputs_fixed=None)
+    again, _ = real(plain, val_loss, params, alpha, **kw)
+    assert grad["aug_mag"].abs().max() > 0  # the magnitude has a hypergradient at all
+    for k in grad:
+        torch.testing.assert_close(grad[k], again[k], rtol=1e-5, atol=1e-7)

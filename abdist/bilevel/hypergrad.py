@@ -92,14 +92,27 @@ class OutputLoss:
     `train_loss_fn` goes. `takes_alpha`: the outputs depend on alpha too, `outputs(params,
     alpha)` (e.g. an input augmented at a tuned magnitude); Gauss-Newton then keeps the exact
     mixed term (see `_gauss_newton`).
+
+    `outputs_fixed(params)`, with `takes_alpha`: the same outputs at the alpha the hypergradient
+    is taken at, computed more cheaply (e.g. with the augmented batch's features computed once:
+    no network pass back to alpha). Every curvature product of the solve uses it, and only the
+    one mixed-term product goes through `outputs(params, alpha)`. None: `outputs(params, alpha)`
+    at that alpha, and still only the mixed term differentiates in alpha.
     """
 
     outputs: Callable[..., Any]
     loss: Callable[[Any, Tree], Tensor]
     takes_alpha: bool = False
+    outputs_fixed: Callable[[Tree], Any] | None = None
 
     def outputs_at(self, params: Tree, alpha: Tree) -> Any:
         return self.outputs(params, alpha) if self.takes_alpha else self.outputs(params)
+
+    def at_fixed_alpha(self, alpha: Tree) -> Callable[[Tree], Any]:
+        """params -> outputs at this (fixed) alpha."""
+        if self.takes_alpha and self.outputs_fixed is not None:
+            return self.outputs_fixed
+        return lambda params: self.outputs_at(params, alpha)
 
     def __call__(self, params: Tree, alpha: Tree) -> Tensor:
         return self.loss(self.outputs_at(params, alpha), alpha)
@@ -451,9 +464,32 @@ def _hypergradient(
 
     grad_train = torch.func.grad(f_train, argnums=0)
     v, direct = torch.func.grad(f_val, argnums=(0, 1))(theta, alpha)
+    # alpha moves the network's outputs (an input augmented at a tuned magnitude): the curvature
+    # products run at the fixed alpha, so none of them differentiates the input path back to
+    # alpha (a network-sized pass per product); the mixed term does that once.
+    moves = isinstance(train_loss_fn, OutputLoss) and train_loss_fn.takes_alpha
+    if moves:
+        fixed = train_loss_fn.at_fixed_alpha(alpha)
+        grad_fixed = torch.func.grad(lambda t: train_loss_fn.loss(fixed(unflatten(t)), alpha))
+
+        def mixed_once(x: Tensor) -> Tree:
+            return torch.func.vjp(lambda a: grad_train(theta, a), alpha)[1](x)[0]
 
     if curvature == "gauss_newton":
         hvp, mixed = _gauss_newton(train_loss_fn, theta, unflatten, alpha, shift)
+    elif moves and hvp_mode == "reverse":
+        _, vjp_theta = torch.func.vjp(grad_fixed, theta)
+
+        def hvp(u: Tensor) -> Tensor:
+            return vjp_theta(u)[0] + shift * u
+
+        mixed = mixed_once
+    elif moves:
+
+        def hvp(u: Tensor) -> Tensor:
+            return torch.func.jvp(grad_fixed, (theta,), (u,))[1] + shift * u
+
+        mixed = mixed_once
     elif hvp_mode == "reverse":
         # One graph of ∇_θ L_train over (θ, α); each call of vjp_fn is a backward through it,
         # returning (H u, (∂²L/∂θ∂α)ᵀ u) at once. The α half is tiny next to the network pass.
@@ -505,8 +541,10 @@ def _gauss_newton(
     logits gives ∇²_z ℓ J u, and one backward through the graph built once gives Jᵀ(·).
     """
 
+    at_alpha = f.at_fixed_alpha(alpha)
+
     def outputs(t: Tensor):
-        return f.outputs_at(unflatten(t), alpha)
+        return at_alpha(unflatten(t))
 
     z, vjp_out = torch.func.vjp(outputs, theta)
     grad_z = torch.func.grad(f.loss, argnums=0)

@@ -79,6 +79,17 @@ def run_hyper_step(ab, model, step: int) -> dict:
                 return (forward(p, x_tr),)
             return forward(p, x_tr), forward(p, augmented(a) if smooth else x_aug)
 
+        alpha = {k: v.detach() for k, v in ab.coordinator.alpha_sub.items()}
+        outputs_fixed = None
+        if smooth:
+            # The augmented batch's network input at the current α, once: the solve's curvature
+            # products use it, and only the mixed term runs the chain and backbone back to α.
+            with torch.no_grad():
+                fixed_in = augmented(alpha)
+
+            def outputs_fixed(p):
+                return forward(p, x_tr), forward(p, fixed_in)
+
         # Written as loss(logits(θ), α) so that a Gauss-Newton solve can split the two.
         train_loss = OutputLoss(
             outputs,
@@ -86,12 +97,12 @@ def run_hyper_step(ab, model, step: int) -> dict:
                 a, z[0], z[1] if with_aug else None, y_tr, g_tr, prob
             ),
             takes_alpha=smooth,
+            outputs_fixed=outputs_fixed,
         )
 
         def val_loss(p, a):
             return ab.objective(forward(p, x_val), y_val, g_val)
 
-        alpha = {k: v.detach() for k, v in ab.coordinator.alpha_sub.items()}
         grads, info = hypergradient(
             train_loss,
             val_loss,
