@@ -98,7 +98,8 @@ def write_image_folder(root: Path, pairs, names) -> None:
 def write_shards(root: Path, pairs, names, shard_size: int) -> None:
     """The abdist-shards/1 layout, the shards written by ``abdist prepare``'s own writer
     (:func:`abdist.data.shards.write_wds_split`: ustar members with fixed metadata)."""
-    from abdist.data.shards import Record, write_wds_split
+    from abdist.data.records import Record
+    from abdist.data.shards import write_wds_split
 
     root.mkdir(parents=True)
     order = list(range(len(pairs)))
@@ -218,7 +219,7 @@ def bench_ffcv(pairs=None, names=None, tmp: Path | None = None, args=None):
         return None, "no data given to the FFCV benchmark", None
     from abdist.data.ffcv_backend import FFCVSplit
     from abdist.data.ffcv_files import write_ffcv_split
-    from abdist.data.shards import Record
+    from abdist.data.records import Record
 
     root = tmp / "ffcv"
     root.mkdir()

@@ -11,9 +11,9 @@ import pytest
 
 from abdist.data.manifest import read_manifest, sha256_file
 from abdist.data.prepare import PrepareOptions, prepare
+from abdist.data.records import Record
 from abdist.data.shards import (
     SHARD_MTIME,
-    Record,
     shard_sizes,
     verify_shards,
     write_wds_split,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from abdist.data.manifest import sha256_file
-from abdist.data.shards import MAX_SAMPLE_PROBLEMS, Record, ShardScan
+from abdist.data.records import MAX_SAMPLE_PROBLEMS, Record, ShardScan
 from abdist.errors import UserError
 
 FFCV_INSTALL_HINT = (
@@ -188,7 +188,7 @@ def _chain(first, rest: Iterator) -> Iterator:
 def scan_beton(path: str | Path, split: str, num_classes: int, num_groups: int | None):
     """Check a ``.beton`` sample by sample (no image decoding), for ``verify_shards``.
 
-    Returns a :class:`abdist.data.shards.ShardScan`. Raises ``UserError`` when ffcv is not
+    Returns a :class:`abdist.data.records.ShardScan`. Raises ``UserError`` when ffcv is not
     installed and ``ValueError`` when the file's header or tables cannot be read.
     """
 

@@ -36,7 +36,7 @@ import numpy as np
 from abdist.data.longtail import PROFILES
 from abdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from abdist.data.prepare_plan import assign_groups, plan_splits, stage_seeds
-from abdist.data.shards import Record
+from abdist.data.records import Record
 from abdist.data.sources import SPLITS, Source, SourceSplit, encode_image, open_source
 from abdist.errors import UserError
 from abdist.io import write_json

@@ -20,12 +20,12 @@ import os
 import re
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from abdist.data.manifest import read_manifest, sha256_file
+from abdist.data.records import MAX_SAMPLE_PROBLEMS, Record, ShardScan
 from abdist.data.tar_reader import TarError, shard_samples
 from abdist.errors import UserError
 
@@ -34,18 +34,6 @@ IMAGE_FIELDS = ("jpg", "png")
 # (TarWriter already fixes uid/gid 0, user/group names and mode; we pass them explicitly anyway.)
 SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z
 _TAR_META = {"mtime": SHARD_MTIME, "mode": 0o444, "user": "abdist", "group": "abdist"}
-MAX_SAMPLE_PROBLEMS = 5  # per shard: one corrupt shard should not drown the report
-
-
-@dataclass(frozen=True)
-class Record:
-    """One sample as a shard writer receives it (backend-neutral)."""
-
-    index: int  # position i within its split (0..N-1), also the sample id
-    ext: str  # "jpg" or "png"
-    image: bytes
-    label: int
-    group: int | None = None
 
 
 def sample_key(split: str, index: int) -> str:
@@ -115,15 +103,6 @@ def write_wds_split(
 
 
 # --------------------------------------------------------------------------- verify
-
-
-@dataclass
-class ShardScan:
-    num_samples: int
-    class_counts: np.ndarray
-    group_class_counts: np.ndarray | None
-    indices: list[int]
-    problems: list[str]
 
 
 def _scan_shard(path: Path, split: str, num_classes: int, num_groups: int | None) -> ShardScan:
