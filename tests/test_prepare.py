@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from abdist.data import prepare as prepare_mod
-from abdist.data.digits import _load_raw, digits_lt_indices
+from abdist.data.digits import digits_lt_indices, load_raw
 from abdist.data.longtail import longtail_counts
 from abdist.data.prepare import PrepareOptions, parse_val, prepare
 from abdist.data.shards import verify_shards
@@ -424,7 +424,7 @@ def test_inat_json(tmp_path):
 def test_digits_matches_in_memory_split(tmp_path):
     m = prepare("digits", tmp_path / "o", PrepareOptions(imbalance_ratio=10, seed=3))
     idx = digits_lt_indices(imbalance_ratio=10.0, seed=3)
-    raw, labels = _load_raw()
+    raw, labels = load_raw()
     assert {k: m["image"][k] for k in ("channels", "size")} == {"channels": 1, "size": 8}
     for split in ("train", "val", "test"):
         want = sorted((int(labels[i]), tuple(raw[i].astype(int))) for i in idx[split])

@@ -14,7 +14,7 @@ IMAGE_SIZE = 8
 MAX_PIXEL = 16.0  # sklearn digits pixels are integers in 0..16
 
 
-def _load_raw() -> tuple[np.ndarray, np.ndarray]:
+def load_raw() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits  # bundled with sklearn: no download
 
     images, labels = load_digits(return_X_y=True)
@@ -36,7 +36,7 @@ def digits_lt_indices(
     ``longtail_counts(n_max, 10, imbalance_ratio, profile, minority_fraction)`` with ``n_max`` the
     smallest remaining class count, then split into train/val with :func:`stratified_split`.
     """
-    _, labels = _load_raw()
+    _, labels = load_raw()
     return _split_indices(
         labels, profile, imbalance_ratio, minority_fraction, test_per_class, val, seed
     )
@@ -87,7 +87,7 @@ def load_digits_lt(
     with the mean/std of the training split only (so validation and test leak nothing into
     preprocessing). Deterministic for a given seed.
     """
-    raw, labels = _load_raw()
+    raw, labels = load_raw()
     idx = _split_indices(
         labels, profile, imbalance_ratio, minority_fraction, test_per_class, val, seed
     )
