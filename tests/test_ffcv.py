@@ -374,3 +374,55 @@ def test_mixed_image_sizes_are_centre_cropped_to_image_size(tmp_path):
     x, _, _, _ = eval_pass(data, 3)
     assert x.shape == (8, 3, 16, 16)
     assert x[..., :7].amin() > 0.7 and x[..., 10:].amax() < 0.1
+
+
+def _damaged_jpeg_tree(root: Path, split: str) -> str:
+    """A tiny tree whose `split` holds one JPEG with an intact header and a zeroed body: the
+    header reads, the pixels do not. Returns that file's key."""
+    rng = np.random.default_rng(3)
+    for s, n in (("train", 6), ("test", 3)):
+        for c in range(2):
+            d = root / s / f"c{c}"
+            d.mkdir(parents=True)
+            for k in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    buf, format="JPEG"
+                )
+                data = buf.getvalue()
+                if s == split and c == 1 and k == 2:
+                    data = data[:200] + bytes(len(data) - 200)
+                (d / f"{k}.jpg").write_bytes(data)
+    return f"{split}/c1/2.jpg"
+
+
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_a_jpeg_whose_pixels_do_not_decode_is_refused_or_skipped_never_used(tmp_path, fmt):
+    """Among the training images prepare decodes for the pixel statistics, a damaged JPEG is one
+    line naming it (either format). In the test split (only its header is read for WebDataset):
+    FFCV refuses it at prepare, since its reader would decode some image from it silently; the
+    WebDataset loader skips and counts it (data.bad_data=skip)."""
+    from tests.conftest import run_cli
+
+    if fmt == "ffcv" and not HAVE_FFCV:
+        pytest.skip("ffcv is not installed (optional extra)")
+    for split in ("train", "test"):
+        key = _damaged_jpeg_tree(tmp_path / split / "tree", split)
+        out = tmp_path / split / "out"
+        r = run_cli("prepare", tmp_path / split / "tree", out, "--val", "0", "--format", fmt)
+        if split == "train" or fmt == "ffcv":
+            assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+            assert (
+                r.stderr.strip()
+                .splitlines()[-1]
+                .startswith(f"abdist: error: {split} sample '{key}': not a readable image")
+            ), r.stderr[-600:]
+            assert not out.exists()
+        else:
+            assert r.returncode == 0, r.stderr[-1500:]
+            from abdist.data.loader import ShardSplit
+
+            test = ShardSplit(out, "test")
+            with pytest.warns(UserWarning, match="skipped bad sample"):
+                n = sum(len(y) for _, y in test.batches(4, shuffle=False))
+            assert n == 5 and test.bad_sample_counts["decode"] == 1

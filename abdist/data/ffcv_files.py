@@ -84,12 +84,20 @@ def _image_entry(rec: Record, where: str) -> tuple[int, int, int, np.ndarray]:
     try:
         with Image.open(io.BytesIO(rec.image)) as im:
             mode, (w, h) = im.mode, im.size
+            # Decoded in full here, not only its header: FFCV's reader decodes without a
+            # per-sample check (a damaged JPEG comes out as some image, silently), so an image
+            # that does not decode must not get into the file.
+            im.load()
             if rec.ext == "jpg" and mode in ("RGB", "L"):
                 # libjpeg-turbo decodes these straight to RGB (gray: R = G = B): keep the bytes.
                 return _JPG, h, w, np.frombuffer(rec.image, dtype=np.uint8)
             pixels = np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"{where}: not a readable image ({exc})") from None
+        raise UserError(
+            f"{where}: not a readable image ({exc}); an FFCV file cannot skip it at read time: "
+            "repair or remove the file, or prepare WebDataset shards (their loader skips such "
+            "samples per data.bad_data)"
+        ) from None
     return _RAW, h, w, np.ascontiguousarray(pixels).reshape(-1)
 
 
@@ -135,7 +143,13 @@ def write_ffcv_split(
             allocator.__exit__(None, None, None)  # writes the last page, closes the file
         writer.finalize(allocator.allocations)  # metadata table, allocation table, header
     finally:
-        writer.metadata_sm.close()
+        try:
+            writer.metadata_sm.close()
+        except BufferError:
+            # Only on the way out of an error: its traceback still holds _fill's numpy views of
+            # the block, and a failed close must not hide that error (the mapping goes with the
+            # process; the name is removed below).
+            pass
         writer.metadata_sm.unlink()
     return [{"name": name, "num_samples": num_samples, "sha256": sha256_file(path)}]
 

@@ -37,7 +37,14 @@ from abdist.data.longtail import PROFILES
 from abdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from abdist.data.prepare_plan import assign_groups, plan_splits, stage_seeds
 from abdist.data.records import Record
-from abdist.data.sources import SPLITS, Source, SourceSplit, encode_image, open_source
+from abdist.data.sources import (
+    SPLITS,
+    Source,
+    SourceSplit,
+    check_decodes,
+    encode_image,
+    open_source,
+)
 from abdist.errors import UserError
 from abdist.io import write_json
 
@@ -164,19 +171,27 @@ class _ImageStats:
         if len(self.sizes) < 2:  # only "one size or not" matters; ImageNet has thousands
             self.sizes.add(tuple(size))
 
-    def add_pixels(self, data: bytes) -> None:
-        """Count one training image's pixels (the first ``PIXEL_STAT_IMAGES`` only)."""
+    def add_pixels(self, data: bytes, where: str) -> None:
+        """Count one training image's pixels (the first ``PIXEL_STAT_IMAGES`` only); an image
+        whose header reads but whose pixels do not is refused naming ``where``."""
         if self.images >= PIXEL_STAT_IMAGES:
             return
         from PIL import Image
 
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                planes = {
+                    mode: np.asarray(im.convert(mode), dtype=np.float64) for mode in self.sums
+                }
+                pixels = im.size[0] * im.size[1]
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise UserError(f"{where}: not a readable image ({exc})") from None
         self.images += 1
-        with Image.open(io.BytesIO(data)) as im:
-            for mode, acc in self.sums.items():
-                x = np.asarray(im.convert(mode), dtype=np.float64).reshape(-1, acc.shape[1]) / 255
-                acc[0] += x.sum(0)
-                acc[1] += (x * x).sum(0)
-            self.pixels += im.size[0] * im.size[1]
+        for mode, acc in self.sums.items():
+            x = planes[mode].reshape(-1, acc.shape[1]) / 255
+            acc[0] += x.sum(0)
+            acc[1] += (x * x).sum(0)
+        self.pixels += pixels
 
     def manifest(self) -> dict:
         size = None
@@ -198,13 +213,24 @@ def _records(
     order: np.ndarray,
     groups: np.ndarray | None,
     stats: _ImageStats,
+    decode_all: bool = False,
 ) -> Iterator[Record]:
+    """The split's records in ``order``; ``decode_all``: every image decoded in full first (for
+    FFCV files, whose reader cannot skip a damaged one), not only its header."""
     for i, j in enumerate(order):
         si = int(idx[j])
-        enc = encode_image(sp.read(si), where=f"{split} sample {sp.keys[si]!r}")
+        where = f"{split} sample {sp.keys[si]!r}"
+        enc = encode_image(sp.read(si), where=where)
+        if decode_all:
+            check_decodes(
+                enc.data,
+                where,
+                "an FFCV file cannot skip it at read time: repair or remove the file, or prepare "
+                "WebDataset shards (their loader skips such samples per data.bad_data)",
+            )
         stats.add(enc.channels, enc.size)
         if split == "train":
-            stats.add_pixels(enc.data)
+            stats.add_pixels(enc.data, where)
         group = None if groups is None else int(groups[j])
         yield Record(i, enc.ext, enc.data, int(sp.labels[si]), group)
 
@@ -313,7 +339,11 @@ def _write_all(
         groups = None if group_ids is None else group_ids[split]
         order = np.random.default_rng(shuffle_seeds[split]).permutation(idx.size)
         shards = writer(
-            tmp, split, _records(split, sp, idx, order, groups, stats), idx.size, opts.shard_size
+            tmp,
+            split,
+            _records(split, sp, idx, order, groups, stats, decode_all=opts.format == "ffcv"),
+            idx.size,
+            opts.shard_size,
         )
         gcc = None
         if groups is not None:

@@ -133,6 +133,19 @@ def encode_image(payload: Payload, where: str = "image") -> EncodedImage:
     return EncodedImage(ext, data, 1 if mode in _GRAY_MODES else 3, (h, w))
 
 
+def check_decodes(data: bytes, where: str, hint: str = "") -> None:
+    """Decode ``data`` in full (not only its header, as :func:`encode_image` does); raise the
+    one-line ``UserError`` naming ``where`` (and ``hint``) if its pixels do not decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        tail = f"; {hint}" if hint else ""
+        raise UserError(f"{where}: not a readable image ({exc}){tail}") from None
+
+
 def _png_bytes(img) -> bytes:
     buf = io.BytesIO()
     # PIL writes no timestamp into PNGs, so equal pixels give equal bytes (deterministic shards).

@@ -29,11 +29,26 @@ import tarfile
 from pathlib import Path
 
 from abdist.data.source_arrays import find_cifar, read_cifar, read_digits
-from abdist.data.source_base import SPLITS, EncodedImage, Source, SourceSplit, encode_image
+from abdist.data.source_base import (
+    SPLITS,
+    EncodedImage,
+    Source,
+    SourceSplit,
+    check_decodes,
+    encode_image,
+)
 from abdist.data.source_files import read_image_folder, read_image_tar, read_inat, read_list_files
 from abdist.errors import UserError
 
-__all__ = ["SPLITS", "EncodedImage", "Source", "SourceSplit", "encode_image", "open_source"]
+__all__ = [
+    "SPLITS",
+    "EncodedImage",
+    "Source",
+    "SourceSplit",
+    "check_decodes",
+    "encode_image",
+    "open_source",
+]
 
 
 # --------------------------------------------------------------------------- dispatch
