@@ -184,3 +184,44 @@ def test_augmented_training_is_a_function_of_the_generator_and_batch_index(backe
                                drop_last=True, with_ids=True))  # fmt: skip
     assert all(torch.equal(a[2], p[2]) for a, p in zip(after, plain, strict=True))
     assert all(not torch.equal(a[0], p[0]) for a, p in zip(after, plain))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sample_that_does_not_decode_is_skipped_counted_or_kept_out(backend, dirs, tmp_path):
+    """data.bad_data=skip: the in-memory and streamed splits leave the same sample out of a pass
+    and count it; with error, each stops with the one line naming shard and key. An FFCV file
+    cannot hold such a sample: prepare decodes every image and refuses a damaged one
+    (tests/test_ffcv.py::test_a_jpeg_whose_pixels_do_not_decode_is_refused_or_skipped_never_used)."""
+    import shutil
+    import warnings
+
+    from abdist.data.samples import BadSampleWarning
+    from abdist.errors import UserError
+    from tests.test_bad_data import _garble
+
+    if backend == "ffcv":
+        pytest.skip("FFCV files are refused at prepare instead (see the docstring)")
+    root = tmp_path / "wds"
+    shutil.copytree(dirs["wds"], root)
+    name = next(p.name for p in sorted(root.glob("test-*.tar")))
+    (key,) = _garble(root, name, [1])
+    whole = set(_eval_pass(open_split(backend, dirs, "test")))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if backend == "memory":
+            counted = load_shards_in_memory(root)  # the bundle counts for its splits
+            split = counted.test
+        else:
+            split = counted = open_split(backend, {"wds": root}, "test")
+        got = set(_eval_pass(split))
+    assert len(got) == len(whole) - 1 and got < whole
+    assert any(issubclass(w.category, BadSampleWarning) and key in str(w.message) for w in seen)
+    assert counted.bad_sample_counts["decode"] == 1
+    with pytest.raises(UserError, match=rf"{name}.*{key}|{key}.*{name}"):
+        if backend == "memory":
+            load_shards_in_memory(root, bad_data="error")
+        else:
+            workers = int(backend[3:])
+            strict = ShardSplit(root, "test", num_workers=workers, bad_data="error",
+                                multiprocessing_context="fork")  # fmt: skip
+            _eval_pass(strict)
