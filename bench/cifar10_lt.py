@@ -104,7 +104,7 @@ def main() -> None:
                 f"loss.drw_epoch={int(0.8 * epochs)}",
                 *args.extra,
             ]
-            if m == "autobalance":
+            if m.startswith("autobalance"):
                 over.append(f"autobalance.warmup_epochs={max(0, min(epochs - 1, epochs // 4))}")
             t0 = time.perf_counter()
             abdist("train", REPO / "configs/cifar10_lt" / f"{m}.yaml", "--out", out, *over)
