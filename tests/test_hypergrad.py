@@ -20,15 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from abdist.bilevel.dictionary import build_dictionary, expand
-from abdist.bilevel.hypergrad import (
-    NEUMANN_SAFETY,
-    SOLVERS,
-    OutputLoss,
-    hypergradient,
-    power_iteration_lambda_max,
-    solve,
-)
+from abdist.bilevel.hypergrad import OutputLoss, hypergradient
 from abdist.bilevel.objectives import balanced_ce
+from abdist.bilevel.solvers import NEUMANN_SAFETY, SOLVERS, power_iteration_lambda_max, solve
 
 DT = torch.float64
 C, D = 5, 4
