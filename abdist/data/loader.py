@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from abdist.data.augment import split_augment
 from abdist.data.manifest import (
@@ -53,7 +52,6 @@ from abdist.data.manifest import (
 )
 from abdist.data.planning import (
     check_batch_size,
-    derive_seed,
     epoch_batches,
     local_batch,
     rank_coverage,
@@ -71,22 +69,6 @@ from abdist.data.stream_worker import StreamPass, StreamSource
 from abdist.errors import UserError
 
 __all__ = ["ShardSplit"]
-
-
-# --- manifest -----------------------------------------------------------------------------------
-
-
-# --- tar reading --------------------------------------------------------------------------------
-
-
-# --- decoding -----------------------------------------------------------------------------------
-
-
-# --- one pass, as run by each worker ------------------------------------------------------------
-
-
-def _identity(item):
-    return item
 
 
 # --- the public split ---------------------------------------------------------------------------
@@ -334,21 +316,7 @@ class ShardSplit:
             base=base,
             first_batch=first_batch,
         )
-        if workers == 0:
-            items = iter(data)
-        else:
-            items = iter(
-                DataLoader(
-                    data,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    collate_fn=_identity,
-                    prefetch_factor=self.prefetch_factor,
-                    multiprocessing_context=self.multiprocessing_context,
-                    # Its own generator: creating workers must not consume the global RNG.
-                    generator=torch.Generator().manual_seed(derive_seed(seed, "loader")),
-                )
-            )
+        items = data.items(workers, self.prefetch_factor, self.multiprocessing_context)
         yielded, error = 0, None
         # max_bad_fraction: of the samples this rank's slots read in this pass (their ranges
         # partition the split over ranks), checked as the bad-sample records arrive.

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from abdist.data.manifest import ShardFile, damaged_shard
 from abdist.data.planning import derive_seed, slot_range, stream_segments
@@ -69,6 +69,10 @@ class StreamSource:
 
 
 FLUSH = "flush"  # marks the end of a pass in a training slot's raw stream
+
+
+def _identity(item):
+    return item
 
 
 def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -127,6 +131,22 @@ class StreamPass(IterableDataset):
         self.src, self.train, self.batch_size = src, train, batch_size
         self.n_batches, self.seed = n_batches, seed
         self.chain, self.base, self.first_batch = chain, base, first_batch
+
+    def items(self, workers: int, prefetch_factor: int, context: str | None) -> Iterator:
+        """The pass's items: read here (``workers`` 0) or by ``workers`` DataLoader processes."""
+        if workers == 0:
+            return iter(self)
+        loader = DataLoader(
+            self,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            prefetch_factor=prefetch_factor,
+            multiprocessing_context=context,
+            # Its own generator: creating workers must not consume the global RNG.
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
+        )
+        return iter(loader)
 
     def __iter__(self):
         info = get_worker_info()
