@@ -84,20 +84,12 @@ def _image_entry(rec: Record, where: str) -> tuple[int, int, int, np.ndarray]:
     try:
         with Image.open(io.BytesIO(rec.image)) as im:
             mode, (w, h) = im.mode, im.size
-            # Decoded in full here, not only its header: FFCV's reader decodes without a
-            # per-sample check (a damaged JPEG comes out as some image, silently), so an image
-            # that does not decode must not get into the file.
-            im.load()
             if rec.ext == "jpg" and mode in ("RGB", "L"):
                 # libjpeg-turbo decodes these straight to RGB (gray: R = G = B): keep the bytes.
                 return _JPG, h, w, np.frombuffer(rec.image, dtype=np.uint8)
             pixels = np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as exc:
-        raise UserError(
-            f"{where}: not a readable image ({exc}); an FFCV file cannot skip it at read time: "
-            "repair or remove the file, or prepare WebDataset shards (their loader skips such "
-            "samples per data.bad_data)"
-        ) from None
+        raise UserError(f"{where}: not a readable image ({exc})") from None
     return _RAW, h, w, np.ascontiguousarray(pixels).reshape(-1)
 
 

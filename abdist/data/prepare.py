@@ -215,8 +215,10 @@ def _records(
     stats: _ImageStats,
     decode_all: bool = False,
 ) -> Iterator[Record]:
-    """The split's records in ``order``; ``decode_all``: every image decoded in full first (for
-    FFCV files, whose reader cannot skip a damaged one), not only its header."""
+    """The split's records in ``order``; ``decode_all``: every image decoded in full first, not
+    only its header. FFCV files need it: their reader decodes without a per-sample check (a
+    damaged JPEG comes out as some image, silently), so one that does not decode must not get
+    in; checked here, where the sample's source name is known."""
     for i, j in enumerate(order):
         si = int(idx[j])
         where = f"{split} sample {sp.keys[si]!r}"
