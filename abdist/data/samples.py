@@ -40,6 +40,7 @@ Bad samples
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -238,6 +239,7 @@ def too_many_bad(
     )
 
 
+@functools.cache  # resolved once per process (each loader worker)
 def _torchvision_decoder():
     """torchvision's decode op, ``op(buffer, mode, apply_exif) -> [C, H, W]``, or None.
 
@@ -246,13 +248,9 @@ def _torchvision_decoder():
     torchvision 0.29 emits on every call (in favour of TorchCodec) -- together a quarter of the
     decode time of a CIFAR JPEG here. Falls back to the wrapper where the op is missing or has
     another signature, and to PIL (below) when torchvision has no decoders at all."""
-    global _DECODER
-    if _DECODER is not None:
-        return _DECODER or None
     try:
         from torchvision.io import ImageReadMode, decode_image
     except ImportError:  # a future torchvision without image decoders
-        _DECODER = False
         return None
     modes = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
 
@@ -261,18 +259,14 @@ def _torchvision_decoder():
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_image(buffer, mode=modes[channels])
 
-    _DECODER = wrapper
     try:
         op = torch.ops.image.decode_image
         probe = torch.frombuffer(bytearray(_probe_png()), dtype=torch.uint8)
         if torch.equal(op(probe, modes[3].value, False), wrapper(probe, 3)):
-            _DECODER = lambda buffer, channels: op(buffer, modes[channels].value, False)  # noqa: E731
+            return lambda buffer, channels: op(buffer, modes[channels].value, False)
     except (AttributeError, RuntimeError, TypeError):
         pass
-    return _DECODER
-
-
-_DECODER = None  # resolved on first use, in the process that decodes (a loader worker)
+    return wrapper
 
 
 def _probe_png() -> bytes:
