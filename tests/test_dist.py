@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from abdist.data.augment import RandomCropFlip
 from abdist.data.memory import TensorSplit
 from abdist.engine import dist as D
 from abdist.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import REPO, alive, kill_job, process_tree
 
 HELPER = REPO / "tests" / "dist_helper.py"
 CONFIG = REPO / "configs" / "digits_lt" / "autobalance.yaml"
@@ -59,7 +58,7 @@ def torchrun(out, *overrides, env=None, max_restarts=0, popen=False, timeout=300
         *EQ, *overrides,
     ]  # fmt: skip
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    if popen:  # own session: the test can SIGKILL torchrun and both workers at once
+    if popen:  # own session, so that kill_job's process-group kill cannot reach pytest
         return subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     return subprocess.run(
@@ -476,8 +475,33 @@ def test_sigkill_of_a_two_rank_job_then_the_same_command_is_bitwise_identical(dd
     while not (out / "search" / "checkpoints" / "latest").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "ended before a checkpoint"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, no cleanup
+    kill_job(proc)  # torchrun, both workers and their loader workers, no cleanup
+    assert not (out / "metrics.json").exists(), "killed too late: the run had finished"
+    r = _ok(torchrun(out, *DDP))
+    assert "resuming" in r.stdout
+    _same_files(out, ref)
+
+
+def test_workers_stop_when_torchrun_alone_is_sigkilled_and_the_same_command_resumes(
+    ddp_run, tmp_path
+):
+    """torchrun starts each worker in its own session: killing the launcher alone (kill -9, an
+    OOM kill) must not leave them training on unseen and holding the run directory."""
+    ref, _ = ddp_run
+    out = tmp_path / "orphaned"
+    proc = torchrun(out, *DDP, popen=True)
+    deadline = time.monotonic() + 180
+    while not (out / "search" / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "ended before a checkpoint"
+        time.sleep(0.01)
+    workers = process_tree(proc.pid)[1:]
+    assert len(workers) >= 2, workers
+    proc.kill()  # the launcher only
     proc.wait()
+    killed = time.monotonic()
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() - killed < 20, "workers outlived their launcher"
+        time.sleep(0.05)
     assert not (out / "metrics.json").exists(), "killed too late: the run had finished"
     r = _ok(torchrun(out, *DDP))
     assert "resuming" in r.stdout

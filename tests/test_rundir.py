@@ -10,13 +10,19 @@ byte-identical metrics.json.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 import yaml
 
+from abdist.engine.env import detect_env
+from abdist.engine.process_group import Dist
+from abdist.engine.rundir import lock_run_dir
+from abdist.errors import UserError
 from tests.conftest import FAST, REPO, run_cli
 
 CE = REPO / "configs" / "digits_lt" / "ce.yaml"
@@ -150,6 +156,47 @@ def test_two_trainers_on_one_run_directory(tmp_path):
     # The lock goes with the process: the same command afterwards simply finds a finished run.
     again = _train(out, "train.epochs=6")
     assert again.returncode == 0, again.stderr
+
+
+# Takes the lock, forks a child that lives on (as a loader worker would), then waits to be killed.
+_HOLDER = """
+import os, sys, time
+from pathlib import Path
+import torch
+from abdist.engine.env import detect_env
+from abdist.engine.process_group import Dist
+from abdist.engine.rundir import lock_run_dir
+with lock_run_dir(Path(sys.argv[1]), Dist(detect_env({}), "gloo", torch.device("cpu"))):
+    child = os.fork()
+    if child == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_lock_goes_with_rank_0_not_with_its_forked_children(tmp_path):
+    """A SIGKILLed rank 0 leaves loader workers behind for a few seconds; the same command
+    right away must resume, not be told that the dead process still holds the directory."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", _HOLDER, str(out)]
+    holder = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, env=env)
+    child = int(holder.stdout.readline())
+    try:
+        me = Dist(detect_env({}), "gloo", torch.device("cpu"))
+        with pytest.raises(UserError, match="in use by another abdist train"):
+            with lock_run_dir(out, me):
+                pass
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the forked child is still alive ...
+        with lock_run_dir(out, me):  # ... and the directory is free
+            pass
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)
 
 
 def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):

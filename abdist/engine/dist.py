@@ -12,7 +12,8 @@ This module only gathers the public names; each job lives in its own module:
     abdist.engine.process_group  the process group, Dist and its collectives (init_dist)
     abdist.engine.batchnorm      BatchNorm over the global batch (GlobalBatchNorm, sync_batchnorm)
     abdist.engine.engines        the plain, DDP and DeepSpeed engines (wrap)
-    abdist.engine.failures       a lost peer's errors as one line (peer_failures_as_user_errors)
+    abdist.engine.failures       a lost peer's errors as one line (peer_failures_as_user_errors),
+                                 a torchrun worker stops with its launcher
 
 Conventions the loop relies on:
 - `train.batch_size` is the GLOBAL batch; rank r takes its contiguous slice of every global batch
@@ -27,7 +28,11 @@ Conventions the loop relies on:
 from abdist.engine.batchnorm import GlobalBatchNorm, sync_batchnorm
 from abdist.engine.engines import DDPEngine, DeepSpeedEngine, Engine, wrap
 from abdist.engine.env import DistEnv, detect_env, first_slurm_host
-from abdist.engine.failures import PeerFailure, peer_failures_as_user_errors
+from abdist.engine.failures import (
+    PeerFailure,
+    peer_failures_as_user_errors,
+    stop_when_the_launcher_dies,
+)
 from abdist.engine.process_group import (
     Dist,
     current_dist,
@@ -55,6 +60,7 @@ __all__ = [
     "mark_peer_lost",
     "peer_failures_as_user_errors",
     "reset_dist",
+    "stop_when_the_launcher_dies",
     "sync_batchnorm",
     "wrap",
 ]

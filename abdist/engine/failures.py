@@ -1,4 +1,5 @@
-"""Failure translation: a collective that fails because a peer died becomes one line (exit 4).
+"""Failure translation: a collective that fails because a peer died becomes one line (exit 4), and
+a torchrun worker whose launcher died stops (exit 4) instead of training on unseen.
 
 Separate because it is about what the user is told, not about training: it reads this process's
 Dist (to know whether several ranks exist and which one this is) and marks the peer lost so the
@@ -8,7 +9,11 @@ process group is not torn down at exit, and nothing in the group or the engines 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import sys
+import threading
+import time
 
 import torch.distributed as tdist
 
@@ -56,3 +61,38 @@ def _looks_like_peer_loss(exc: BaseException) -> bool:
     text = str(exc).lower()
     signs = ("connection closed", "connection reset", "broken pipe", "connectfullmesh", "timed out")
     return any(s in text for s in signs)
+
+
+_WATCHING = False
+
+
+def stop_when_the_launcher_dies(env, poll_s: float = 1.0) -> None:
+    """Under torchrun: exit (4) with one line once the launcher is gone (once per process).
+
+    torchrun starts each worker in its own session, so a SIGKILLed torchrun (kill -9, an OOM
+    kill of the agent) leaves its workers training on, unseen, and holding the run directory:
+    the same command would be refused as "in use". A daemon thread polls for the parent to
+    change (it becomes init or a subreaper), as PyTorch's own loader workers do. PDEATHSIG is
+    not used: it fires when the launcher's *thread* that started the worker exits.
+    """
+    global _WATCHING
+    if env.launcher != "torchrun" or _WATCHING:
+        return
+    _WATCHING = True
+    parent, where = os.getppid(), env.where
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        with contextlib.suppress(OSError):  # stderr may have been a pipe to the dead launcher
+            print(
+                f"abdist: error: {where}: the launcher (torchrun, pid {parent}) is gone; "
+                "stopping; re-run the same command to resume from the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+        # Checkpoint writes are atomic (tmp + rename), so this is as safe as the SIGKILL a
+        # cluster sends; no cleanup may wait on peers that are stopping too.
+        os._exit(PeerFailure.exit_code)
+
+    threading.Thread(target=watch, name="abdist-launcher-watch", daemon=True).start()

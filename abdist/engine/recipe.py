@@ -20,7 +20,11 @@ from typing import Any
 
 from abdist import methods
 from abdist.config import Config
-from abdist.engine.dist import init_dist, peer_failures_as_user_errors
+from abdist.engine.dist import (
+    init_dist,
+    peer_failures_as_user_errors,
+    stop_when_the_launcher_dies,
+)
 from abdist.engine.rundir import check_out_dir, check_resumable, lock_run_dir
 from abdist.engine.trainer import train
 from abdist.io import write_json, write_text
@@ -31,6 +35,7 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     with peer_failures_as_user_errors():  # a dead peer rank: one line, not a gloo traceback
         dist = init_dist(cfg)
+        stop_when_the_launcher_dies(dist.env)  # under torchrun; a no-op otherwise
         # Compare the ranks' configs first: a rank with a different config would otherwise race
         # rank 0's config.yaml and report a misleading "different config in the run dir".
         dist.check_same_config(cfg.to_dict(), str(run_dir))

@@ -1,9 +1,9 @@
 """Guards on a run directory, so that no command can lose or mix up a run.
 
 - `check_out_dir`: `--out` must be a directory (or not exist yet).
-- `lock_run_dir`: one `abdist train` per run directory at a time (an advisory `flock` on
-  RUN/.lock held by rank 0 for the whole run; the kernel releases it when the process dies, so a
-  killed or requeued run never leaves a stale lock behind).
+- `lock_run_dir`: one `abdist train` per run directory at a time (an advisory POSIX record lock
+  on RUN/.lock held by rank 0 for the whole run; the kernel releases it when that process dies,
+  so a killed or requeued run never leaves a stale lock behind).
 - `check_resumable`: a directory holding a run with a different config is refused, unless that
   run never got anywhere (a failed start leaves only config.yaml: it must not block the corrected
   command).
@@ -45,7 +45,9 @@ def lock_run_dir(run_dir: Path, dist) -> Iterator[None]:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(run_dir / LOCK_NAME, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # lockf, not flock: a flock is shared with every forked child (the loader workers),
+            # which outlive a SIGKILLed rank 0 by seconds and would block the resume meanwhile.
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 handle.seek(0)
