@@ -514,8 +514,10 @@ def test_a_dead_rank_ends_the_job_quickly_and_is_named(tmp_path):
     elapsed = time.monotonic() - t0
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    # torchrun's summary names the rank that failed first, and its exit code.
-    assert re.search(r"Root Cause.*?rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*17", out, re.S)
+    # torchrun's summary names the rank that failed, with its exit code. Not necessarily as the
+    # "Root Cause": torchrun stamps failures in whole seconds and breaks ties by the lowest rank,
+    # so a survivor that stops within the same second can be listed first (seen in CI).
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*17", out), out[-3000:]
     assert elapsed < 90, elapsed  # startup + ~1 epoch; the survivor is stopped within ~1 s
 
 

@@ -14,6 +14,7 @@ from tests.test_ffcv import needs_ffcv
 
 pytestmark = needs_ffcv
 CE = REPO / "configs" / "digits_lt" / "ce.yaml"
+AB = REPO / "configs" / "digits_lt" / "autobalance.yaml"
 ARGS = [*FAST, "data.source=shards", "train.batch_size=32", "data.workers=1"]
 
 
@@ -65,8 +66,35 @@ def test_a_killed_ffcv_run_resumes_to_the_same_metrics(dirs, tmp_path):
     assert (out / "metrics.json").read_text() == (tmp_path / "ref" / "metrics.json").read_text()
 
 
-def test_train_val_on_ffcv_is_a_one_line_refusal(dirs, tmp_path):
-    r = run_cli("train", CE, "--out", tmp_path / "m", *ARGS, f"data.root={dirs['ffcv']}",
-                "train.merge_val=true")  # fmt: skip
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "not supported on FFCV directories yet" in r.stderr
+def test_autobalance_searches_and_retrains_on_train_plus_val_from_ffcv_and_resumes(dirs, tmp_path):
+    """The retrain phase trains on "train+val" (two .beton files end to end); killed in the
+    retrain and resumed, it ends with the uninterrupted run's bytes."""
+    args = [*ARGS, f"data.root={dirs['ffcv']}", "train.epochs=4", "autobalance.warmup_epochs=1",
+            "autobalance.hyper_interval=2", "autobalance.tune=[l,delta,aug]"]  # fmt: skip
+    ref = run_cli("train", AB, "--out", tmp_path / "ref", *args)
+    assert ref.returncode == 0, ref.stderr
+    retrain = json.loads((tmp_path / "ref" / "retrain" / "log.jsonl").read_text().splitlines()[0])
+    assert "val_balanced_error" not in retrain  # trained on train+val: no validation split left
+    out = tmp_path / "killed"
+    ckpts = out / "retrain" / "checkpoints"
+    kill_at_first_checkpoint("train", AB, "--out", out, *args, checkpoints=ckpts)
+    assert not (out / "metrics.json").exists(), "killed too late: the run had already finished"
+    r = run_cli("train", AB, "--out", out, *args)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    for name in ("metrics.json", "alpha.json"):
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_merge_val_on_ffcv_sees_the_webdataset_split_s_samples(dirs, tmp_path):
+    runs = {}
+    for fmt in ("ffcv", "wds"):
+        extra = ["data.in_memory=false"] if fmt == "wds" else []
+        r = run_cli("train", CE, "--out", tmp_path / fmt, *ARGS, f"data.root={dirs[fmt]}",
+                    "train.merge_val=true", *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        runs[fmt] = _metrics(tmp_path / fmt)
+    assert runs["ffcv"].keys() == runs["wds"].keys()
+    # The same class counts trained on: train's and val's together.
+    splits = json.loads((dirs["ffcv"] / "manifest.json").read_text())["splits"]
+    both = [a + b for a, b in zip(splits["train"]["class_counts"], splits["val"]["class_counts"])]
+    assert runs["ffcv"]["class_counts"] == runs["wds"]["class_counts"] == both

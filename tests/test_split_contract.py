@@ -36,7 +36,10 @@ def dirs(tmp_path_factory):
 
 def open_split(backend: str, dirs, name: str, rank: int = 0, world_size: int = 1):
     if backend == "memory":
-        split = getattr(load_shards_in_memory(dirs["wds"]), name)
+        bundle = load_shards_in_memory(dirs["wds"])
+        if name == "train+val":  # what the trainer trains a retrain (or merge_val) on
+            bundle, name = bundle.with_val_merged(), "train"
+        split = getattr(bundle, name)
         return split if world_size == 1 else _RankView(split, rank, world_size)
     if backend.startswith("wds"):
         workers = int(backend[3:])
@@ -150,10 +153,10 @@ def _train_augment(split, num_classes):
     return TrainAugment(chain, RandomCropFlip(2, flip=True), tuple(split.mean), tuple(split.std))
 
 
-def _augmented_epoch(backend, dirs, epoch, n, resumed):
+def _augmented_epoch(backend, dirs, epoch, n, resumed, name="train"):
     """Epoch `epoch` of a run (generator and first batch as the trainer makes them), on a fresh
     split and table when `resumed` (as a resumed run starts it), else after epochs 0..epoch-1."""
-    split = open_split(backend, dirs, "train", 0, 2)
+    split = open_split(backend, dirs, name, 0, 2)
     aug = _train_augment(open_split("wds0", dirs, "train"), 4)
     out = None
     for e in [epoch] if resumed else range(epoch + 1):
@@ -224,3 +227,56 @@ def test_a_sample_that_does_not_decode_is_skipped_counted_or_kept_out(backend, d
             strict = ShardSplit(root, "test", num_workers=workers, bad_data="error",
                                 multiprocessing_context="fork")  # fmt: skip
             _eval_pass(strict)
+
+
+def _labelled_pass(split):
+    """{id: (image, label, group)} of one evaluation pass; an id met twice fails."""
+    seen = {}
+    for x, y, ids, g in split.batches(5, shuffle=False, with_ids=True, with_groups=True):
+        for image, label, i, group in zip(x, y.tolist(), ids.tolist(), g.tolist()):
+            assert i not in seen, f"sample {i} yielded twice"
+            seen[i] = (image, label, group)
+    return seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_plus_val_is_both_splits_end_to_end(backend, dirs):
+    """A retrain's data ("train+val"): val's samples numbered after train's, the same pixels,
+    labels and groups as each split alone, equal batches per rank, every sample in an epoch,
+    and the augmented epoch a function of the generator and batch index (resume)."""
+    train, val = (_labelled_pass(open_split(backend, dirs, s)) for s in ("train", "val"))
+    offset = len(open_split(backend, dirs, "train"))
+    expected = {**train, **{i + offset: v for i, v in val.items()}}
+    merged = open_split(backend, dirs, "train+val")
+    got = _labelled_pass(merged)
+    assert sorted(got) == sorted(expected) and len(got) == len(train) + len(val)
+    for i, (image, label, group) in got.items():
+        assert torch.equal(image, expected[i][0]) and (label, group) == expected[i][1:], i
+
+    n = merged.num_batches(B)
+    gen = [torch.Generator().manual_seed(5) for _ in range(2)]
+    epochs = [
+        list(
+            open_split(backend, dirs, "train+val", r, 2).batches(
+                B, shuffle=True, generator=gen[r], with_ids=True, with_groups=True
+            )
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    assert [len(e) for e in epochs] == [n, n]
+    # Full batches; in memory the last one may be short (streamed splits fill it with repeats).
+    assert all(len(b[1]) == B // 2 for e in epochs for b in e[:-1])
+    assert all(0 < len(e[-1][1]) <= B // 2 for e in epochs)
+    drawn = {i for e in epochs for b in e for i in b[2].tolist()}
+    assert drawn == set(expected)  # every sample of both splits, val's under their new ids
+    for e in epochs:
+        for _, y, ids, g in e:
+            assert [(expected[i][1], expected[i][2]) for i in ids.tolist()] == list(
+                zip(y.tolist(), g.tolist())
+            )
+    n_drop = merged.num_batches(B, drop_last=True)
+    after = _augmented_epoch(backend, dirs, 1, n_drop, resumed=False, name="train+val")
+    fresh = _augmented_epoch(backend, dirs, 1, n_drop, resumed=True, name="train+val")
+    assert len(after) == len(fresh) == n_drop
+    for a, b in zip(after, fresh):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])

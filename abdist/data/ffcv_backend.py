@@ -39,14 +39,13 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from abdist.data.augment import split_augment
-from abdist.data.ffcv_files import FIELDS, require_ffcv
+from abdist.data.ffcv_parts import Part, PartStream, assemble, open_part
 from abdist.data.ffcv_pipeline import build_loader, cpu_count
 from abdist.data.manifest import (
     image_settings,
@@ -75,7 +74,8 @@ class FFCVSplit:
 
     Args:
         root: the prepared directory (``manifest.json`` + ``{split}.beton``).
-        split: ``"train"``, ``"val"`` or ``"test"``.
+        split: ``"train"``, ``"val"``, ``"test"``, or parts end to end (``"train+val"``, a
+            retrain's data: abdist/data/ffcv_parts.py).
         rank, world_size: this process's place; default to ``torch.distributed``'s if it is
             initialised, else 0 and 1.
         num_workers: FFCV decoding threads (None: this process's CPUs).
@@ -103,17 +103,6 @@ class FFCVSplit:
     ) -> None:
         root = Path(root)
         manifest = read_manifest(root)
-        splits = manifest["splits"]
-        if split not in splits:
-            raise UserError(f"{root}: no split '{split}' in the manifest (has: {sorted(splits)})")
-        info = splits[split]
-        entries = info["shards"]
-        if any(not e["name"].endswith(".beton") for e in entries) or len(entries) > 1:
-            raise UserError(
-                f"{root}: split '{split}' is not in FFCV format (files: "
-                f"{', '.join(e['name'] for e in entries)}); prepare it with --format ffcv, or "
-                "read WebDataset shards with abdist.data.loader.ShardSplit"
-            )
         self.rank, self.world_size = resolve_rank(rank, world_size)
         if num_workers is None:
             num_workers = cpu_count()
@@ -133,43 +122,14 @@ class FFCVSplit:
         self._channels, self._size = channels, int(size)
         self._mean, self._std = mean, std
         self._num_classes = num_classes
-        self._n = int(info["num_samples"])
-        self._path = None
-        self._labels = torch.zeros(0, dtype=torch.int64)
         self._num_groups = manifest_num_groups(manifest)
-        self._groups = torch.zeros(0, dtype=torch.int64)  # group of each sample id
-        self._loaders: dict[tuple, Any] = {}
-        self._fixed = True
-        if entries:
-            require_ffcv()
-            from ffcv.reader import Reader
-
-            self._path = root / entries[0]["name"]
-            if not self._path.is_file():
-                raise UserError(f"{self._path} listed in the manifest is missing")
-            try:
-                reader = Reader(str(self._path))
-            except Exception as exc:
-                raise UserError(
-                    f"{self._path}: not a readable .beton ({exc}); check it with abdist verify"
-                ) from None
-            if int(reader.num_samples) != self._n or list(reader.handlers)[:3] != list(FIELDS):
-                raise UserError(
-                    f"{self._path}: {reader.num_samples} samples with fields "
-                    f"{list(reader.handlers)}, the manifest says {self._n} with {list(FIELDS)}; "
-                    "check it with abdist verify"
-                )
-            cols = reader.metadata.dtype.names
-            self._labels = torch.from_numpy(reader.metadata[cols[1]].astype(np.int64))
-            if self._num_groups is not None:  # looked up by the samples' index field
-                index = reader.metadata[cols[2]].astype(np.int64)
-                by_index = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=np.int64)
-                by_index[index] = reader.metadata[cols[3]]
-                self._groups = torch.from_numpy(by_index)
-            heights, widths = reader.metadata[cols[0]]["height"], reader.metadata[cols[0]]["width"]
-            self._fixed = bool((heights == self._size).all() and (widths == self._size).all())
-        elif self._n:
-            raise UserError(f"{root}: split '{split}' has {self._n} samples but no .beton file")
+        # "train+val": the parts end to end, the later parts' sample ids after the earlier ones'
+        # (as the WebDataset split numbers them).
+        self._parts: list[Part] = []
+        for name in split.split("+"):
+            offset = sum(part.n for part in self._parts)
+            self._parts.append(open_part(root, manifest, name, self._size, offset))
+        self._n = sum(part.n for part in self._parts)
 
     # --- metadata
 
@@ -322,61 +282,83 @@ class FFCVSplit:
             pad = n_batches * batch_size - n
             order = np.concatenate([order, np.full(pad, order[-1], dtype=np.int64)])
             keep_last = batch_size - pad
-        loader, op = self._loader(shuffle, batch_size, len(order))
-        loader.traversal_order.order = order.astype(np.int64)
-        aug_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
-        last = n_batches - 1  # the batch that may hold padding
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         chain, _, hook = split_augment(augment, self._num_classes)
         if not shuffle:
             chain = hook = None
-        op.start_pass(aug_seed >> 1, chain=chain, first_batch=first_batch, stream=rank)
-        threads = torch.get_num_threads()
-        it = iter(loader)
+        threads = torch.get_num_threads()  # before FFCV's iter() changes it
+        # Which part each position of the pass reads from (a sorted search over the parts' ends).
+        ends = np.cumsum([part.n for part in self._parts])
+        which = np.searchsorted(ends, order, side="right")
+        last = math.ceil(len(order) / batch_size) - 1  # the batch that may hold padding
+        streams: list = []
         try:
+            for p, part in enumerate(self._parts):
+                streams.append(self._start_part(
+                    p, part, order, shuffle, batch_size, seed, rank, world_size, chain, first_batch
+                ))  # fmt: skip
             for k in range(n_batches):
-                x, y, idx = next(it)
-                if k == 0:  # FFCV's thread has set torch's thread count by now: restore it
+                parts = which[k * batch_size : (k + 1) * batch_size]
+                x, y, idx, g = assemble(streams, parts)
+                if k == 0:  # FFCV's threads have set torch's thread count by now: restore it
                     torch.set_num_threads(threads)
-                y, idx = y.reshape(-1).clone(), idx.reshape(-1).clone()
                 if k == last and keep_last < batch_size:
                     x, y, idx = x[:keep_last], y[:keep_last], idx[:keep_last]
+                    g = None if g is None else g[:keep_last]
                 if hook is not None:
                     x = hook(x, y, generator, None if first_batch is None else first_batch + k)
                 extra = [idx] if with_ids else []
-                if with_groups:  # the group column of the file's metadata, by sample id
-                    extra.append(self._groups[idx])
+                if with_groups:
+                    extra.append(g)
                 yield (x, y, *extra)
         finally:
-            it.close()
-            # An abandoned pass: let FFCV's thread stop (it checks every 0.5 s) before a next
-            # pass resets the augmentation generator it may still be drawing from.
-            it.join(timeout=5)
+            for stream in streams:
+                if stream is not None:
+                    stream.close()
             torch.set_num_threads(threads)
 
-    def _loader(self, train: bool, batch_size: int, length: int):
-        """The FFCV Loader for passes of this kind (one per kind: each compiles its pipeline)."""
+    def _start_part(self, p, part, order, train, batch_size, seed, rank, world_size, chain,
+                    first_batch):  # fmt: skip
+        """Start part ``p``'s FFCV pass over its positions of ``order`` (None if it has none)."""
+        start = part.id_offset
+        mine = order[(order >= start) & (order < start + part.n)] - start
+        if len(mine) == 0:
+            return None
+        # Whole batches only (FFCV's drop_last=False breaks on an odd last batch): pad with the
+        # last sample; the padding is never taken from the stream.
+        mine = np.concatenate([mine, np.full(-len(mine) % batch_size, mine[-1], dtype=np.int64)])
+        # One Loader per kind of pass, sized for the whole pass: a part's share varies by epoch.
+        loader, op = self._loader(part, train, batch_size, len(order))
+        loader.traversal_order.order = mine.astype(np.int64)
+        # The first part keeps the single-file pass's seed and stream (same pixels as before
+        # "train+val" existed); later parts draw from their own.
+        key = [seed, rank] if p == 0 else [seed, rank, p]
+        aug_seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+        op.start_pass(aug_seed >> 1, chain=chain, first_batch=first_batch,
+                      stream=rank + p * world_size)  # fmt: skip
+        return PartStream(iter(loader), part, self._num_groups is not None)
+
+    def _loader(self, part: Part, train: bool, batch_size: int, length: int):
+        """Part's FFCV Loader for passes of this kind (one per kind: each compiles its pipeline)."""
         key = (train, batch_size, length)
-        if key in self._loaders:
-            return self._loaders[key]
-        transform = None if train else self.eval_transform
-        self._loaders[key] = build_loader(
-            self._path,
-            labels=self._labels,
-            channels=self._channels,
-            size=None if self._fixed else self._size,
-            mean=self._mean,
-            std=self._std,
-            transform=transform,
-            train=train,
-            batch_size=batch_size,
-            length=length,
-            num_workers=self.num_workers,
-            os_cache=self.os_cache,
-            batches_ahead=self.batches_ahead,
-        )
-        return self._loaders[key]
+        if key not in part.loaders:
+            part.loaders[key] = build_loader(
+                part.path,
+                labels=part.labels,
+                channels=self._channels,
+                size=None if part.fixed else self._size,
+                mean=self._mean,
+                std=self._std,
+                transform=None if train else self.eval_transform,
+                train=train,
+                batch_size=batch_size,
+                length=length,
+                num_workers=self.num_workers,
+                os_cache=self.os_cache,
+                batches_ahead=self.batches_ahead,
+            )
+        return part.loaders[key]
 
     def __repr__(self) -> str:
         return (

@@ -125,12 +125,6 @@ def _ffcv_opener(root: Path, cfg, rank: int, world_size: int) -> Callable[[str],
     options = dict(rank=rank, world_size=world_size, num_workers=max(1, cfg.workers))
 
     def open_split(name: str) -> FFCVSplit:
-        if "+" in name:
-            raise UserError(
-                f"{root}: training on {name} (train.merge_val, or AutoBalance's retrain) is not "
-                "supported on FFCV directories yet; prepare WebDataset shards for it, or set "
-                "autobalance.retrain=false / train.merge_val=false"
-            )
         return FFCVSplit(root, name, **options)
 
     return open_split

@@ -33,8 +33,9 @@ def peer_failures_as_user_errors():
 
     When a rank dies, the survivors' next collective fails: at once with gloo (the peer's socket
     closes), after dist.timeout_s otherwise. torchrun then stops the remaining workers and its
-    summary names the failed rank ("Root Cause ... rank: N"); with --max-restarts it starts them
-    again and they resume from the latest checkpoint.
+    summary lists the failed ranks with their exit codes (its "Root Cause" is the earliest by
+    whole seconds, ties to the lowest rank, so a survivor may be named there); with
+    --max-restarts it starts them again and they resume from the latest checkpoint.
     """
     try:
         yield
