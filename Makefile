@@ -14,7 +14,9 @@ demo: $(STAMP)
 	$(PY) -m abdist train configs/digits_lt/ce.yaml --out runs/demo/ce
 	$(PY) -m abdist train configs/digits_lt/la.yaml --out runs/demo/la
 	$(PY) -m abdist train configs/digits_lt/autobalance.yaml --out runs/demo/autobalance
-	$(PY) -m abdist report runs/demo/ce runs/demo/la runs/demo/autobalance --out runs/demo/report
+	$(PY) -m abdist train configs/digits_lt/selmix.yaml --out runs/demo/selmix
+	$(PY) -m abdist report runs/demo/ce runs/demo/la runs/demo/autobalance runs/demo/selmix \
+		--out runs/demo/report
 
 test: $(STAMP)
 	$(PY) -m pytest -q

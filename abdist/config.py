@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from abdist.config_checks import validate
+from abdist.config_methods import AutoBalanceConfig, SelMixConfig
 from abdist.config_values import check_range, coerce, describe_key, opt, suggest
 from abdist.errors import UserError
 
@@ -113,59 +114,9 @@ class LossConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = opt("erm", help="training method: a registered one (built in: erm, autobalance)")
-
-
-@dataclass
-class AutoBalanceConfig:
-    """`autobalance.*` (method.name=autobalance). Until 0.1 these keys sat in `method.*`;
-    those names still load (ALIASES), so older config files and run directories resume."""
-
-    # AutoBalance: the loss preset in `loss` is the initialisation (ce: neutral, la: l = tau*log pi,
-    # cdt: delta ~ (n/n_max)^gamma, vs: both); these keys say what is tuned and how.
-    tune: list = opt(["l", "delta"], help="subset of w, l, delta, aug, aug_mag")
-    dictionary: str = opt(
-        "per_class",
-        choices=("per_class", "buckets", "interp"),
-        help="frequency dictionary: per class, buckets by log-frequency, interp over rank",
+    name: str = opt(
+        "erm", help="training method: a registered one (built in: erm, autobalance, selmix)"
     )
-    dictionary_size: int = opt(0, lo=0, help="K for buckets/interp (0 = number of classes)")
-    hypergrad: str = opt(
-        "cg", choices=("exact", "cg", "neumann"), help="inverse-Hessian solve of the hypergradient"
-    )
-    scope: str = opt(
-        "head",
-        choices=("head", "full"),
-        help="hypergradient through the head only, or every weight",
-    )
-    solver_iterations: int = opt(50, lo=1, help="CG/Neumann iterations (head: cheap)")
-    damping: float = opt(0.0, lo=0.0, help="extra lambda*I in the Hessian solve")
-    curvature: str = opt(
-        "auto",
-        choices=("auto", "hessian", "gauss_newton"),
-        help="H in the solve; auto: hessian for scope=head, gauss_newton (PSD) for scope=full",
-    )
-    objective: str = opt(
-        "balanced_ce",
-        choices=("balanced_ce", "worst_class", "blend", "equal_opportunity_gap"),
-        help="validation objective the loss parameters are tuned for",
-    )
-    temperature: float = opt(0.1, lo=0.0, lo_open=True, help="worst_class / EO soft-max T")
-    blend_beta: float = opt(
-        0.5, lo=0.0, hi=1.0, help="blend, equal_opportunity_gap: weight of plain CE"
-    )
-    warmup_epochs: int = opt(5, lo=0, help="epochs of plain training before hyper steps")
-    hyper_interval: int = opt(20, lo=1, help="a hyper step every k optimiser steps")
-    hyper_batches: int = opt(2, lo=1, help="train and val batches per hyper step")
-    upper_optim: str = opt("adam", choices=("sgd", "adam"), help="optimiser of the loss parameters")
-    upper_lr: float = opt(0.05, lo=0.0, lo_open=True, help="learning rate of the loss parameters")
-    upper_momentum: float = opt(0.9, lo=0.0, hi=1.0, help="upper_optim=sgd: momentum")
-    clip: float = opt(1.0, lo=0.0, help="max norm of the hypergradient (0 = off)")
-    aug_init: float = opt(0.5, lo=0.0, hi=1.0, help="initial per-class chain probability")
-    per_group: bool = opt(
-        False, help="w, l, delta per (group, class) cell (in-memory data with groups; not aug)"
-    )
-    retrain: bool = opt(True, help="after the search, retrain on train+val with the found loss")
 
 
 @dataclass
@@ -259,6 +210,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     autobalance: AutoBalanceConfig = field(default_factory=AutoBalanceConfig)
+    selmix: SelMixConfig = field(default_factory=SelMixConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)

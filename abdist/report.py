@@ -20,6 +20,7 @@ from typing import Any
 
 from abdist.errors import UserError
 from abdist.io import atomic_write, write_json
+from abdist.report_selmix import plot_selmix
 
 __all__ = ["default_out_dir", "format_table", "load_run", "plot_runs", "report", "run_labels"]
 
@@ -62,8 +63,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     Returns:
         {"dir": Path, "name": str, "method": str | None, "metrics": dict,
-         "alpha": dict | None}. `name` is metrics.json's "name", else the directory name;
-        `alpha` is the parsed alpha.json, or None when the run has none.
+         "alpha": dict | None, "selmix": dict | None}. `name` is metrics.json's "name", else
+        the directory name; `alpha` / `selmix` are the parsed alpha.json / selmix.json, or None
+        when the run has none.
 
     Raises:
         UserError: (one line, naming the path) when the directory or metrics.json is missing,
@@ -81,6 +83,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     apath = d / "alpha.json"
     alpha = _read_json(apath, "loss-parameter file") if apath.is_file() else None
+    spath = d / "selmix.json"
+    selmix = _read_json(spath, "SelMix history file") if spath.is_file() else None
 
     # Catch mismatched per-class lists here, with the file named, rather than as an opaque
     # matplotlib shape error later.
@@ -103,6 +107,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "method": metrics.get("method"),
         "metrics": metrics,
         "alpha": alpha,
+        "selmix": selmix,
     }
 
 
@@ -213,6 +218,8 @@ def plot_runs(runs: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -
       one series per run that has `per_class_recall` and `class_counts`.
     - `loss_params.png`: panels l, Δ (delta), w against training samples per class (log x),
       one series per run with alpha.json (class counts from alpha.json, else metrics.json).
+    - `selmix.png`: SelMix runs' validation objective over the fine-tune and final P
+      (abdist/report_selmix.py).
 
     A plot with no series to draw is not written. Classes with zero training samples or no
     recall are left out (they cannot sit on a log axis / have no value).
@@ -293,6 +300,7 @@ def plot_runs(runs: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -
             written.append(path)
         finally:
             plt.close(fig)
+    written += plot_selmix(runs, run_labels(runs), colors, out, plt, _save_png)
     return written
 
 

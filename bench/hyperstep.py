@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from peak_memory import CHILD_ENV, peak_rss_mb  # noqa: E402
 
 import abdist.methods.autobalance_hyper as ab_module  # noqa: E402
 from abdist.bilevel.hypergrad import OutputLoss  # noqa: E402
@@ -271,41 +272,24 @@ class Bench:
 # --- memory -------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _peak_rss_mb(fn) -> float:
-    """Peak resident set during fn() above the level at its start (kernel high-water mark)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current VmRSS
-    start = _status_kb("VmRSS")
-    fn()
-    return (_status_kb("VmHWM") - start) / 1024
-
-
 def memory_child(args) -> None:
     """Run in a child process (see `memory_probe`): peak memory of one plain and hyper step."""
     bench = Bench(args)
     method = bench.methods["head"]
     for _ in range(2):
         bench.plain_step(method)
-    out = {"plain_step_peak_mb": round(_peak_rss_mb(lambda: bench.plain_step(method)), 1)}
+    out = {"plain_step_peak_mb": round(peak_rss_mb(lambda: bench.plain_step(method)), 1)}
     for scope in SCOPES:
         if not args.quick:
             bench.hyper(scope)  # warm: one-time caches are not the step's memory
-        out[f"hyper_{scope}_peak_mb"] = round(_peak_rss_mb(lambda s=scope: bench.hyper(s)), 1)
+        out[f"hyper_{scope}_peak_mb"] = round(peak_rss_mb(lambda s=scope: bench.hyper(s)), 1)
     print(json.dumps(out))
 
 
 def memory_probe(args, argv: list[str]) -> dict:
     if args.device != "cpu" and torch.cuda.is_available():
         return {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, **CHILD_ENV)
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-child"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -4,8 +4,9 @@
 
 Environment switches (all optional):
   ABDIST_TEST_RECORD=DIR   record every Python-level torch.distributed collective (op, element
-                           count, bytes, whether a hyper step was running) and alpha_sub after
-                           every hyper step; written to DIR/rank<r>.json at exit.
+                           count, bytes, whether a hyper step or SelMix refresh was running),
+                           alpha_sub after every hyper step and SelMix's P after every refresh;
+                           written to DIR/rank<r>.json at exit.
   ABDIST_TEST_DIE=R:S      rank R calls os._exit(17) right after optimiser step S of the first
                            phase, on the first attempt only (TORCHELASTIC_RESTART_COUNT=0), so a
                            torchrun --max-restarts=1 job recovers.
@@ -54,8 +55,9 @@ if record_dir:
     import torch.distributed.distributed_c10d as c10d
 
     from abdist.methods.autobalance import AutoBalance
+    from abdist.methods.selmix import SelMix
 
-    calls, alphas, state = [], [], {"hyper": False, "depth": 0}
+    calls, alphas, pairs, state = [], [], [], {"hyper": False, "depth": 0}
 
     def recorded(name, fn):
         @functools.wraps(fn)
@@ -110,10 +112,21 @@ if record_dir:
 
     original_hyper_step = replace(AutoBalance, "hyper_step", hyper_step)
 
+    def refresh(self, step, initial=False):
+        state["hyper"] = True
+        try:
+            out = original_refresh(self, step, initial)
+        finally:
+            state["hyper"] = False
+        pairs.append({"step": step, "P": self.P.tolist()})
+        return out
+
+    original_refresh = replace(SelMix, "refresh", refresh)
+
     def dump():
         Path(record_dir).mkdir(parents=True, exist_ok=True)
         path = Path(record_dir) / f"rank{rank}.json"
-        path.write_text(json.dumps({"calls": calls, "alphas": alphas}))
+        path.write_text(json.dumps({"calls": calls, "alphas": alphas, "selmix": pairs}))
 
     atexit.register(dump)
 
@@ -123,6 +136,7 @@ if die and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
     if rank == die_rank:
         from abdist.methods.autobalance import AutoBalance
         from abdist.methods.erm import ERM
+        from abdist.methods.selmix import SelMix
 
         def dying(original):
             def after_step(self, step, model):
@@ -132,7 +146,7 @@ if die and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
 
             return after_step
 
-        for cls in (ERM, AutoBalance):
+        for cls in (ERM, AutoBalance, SelMix):
             replace(cls, "after_step", dying(cls.after_step))
 
 params_dir = os.environ.get("ABDIST_TEST_PARAMS")

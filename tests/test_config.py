@@ -10,7 +10,8 @@ def test_defaults_round_trip_through_yaml():
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert set(cfg.to_dict()) == {
-        "data", "model", "loss", "method", "autobalance", "optim", "train", "dist", "tracking"
+        "data", "model", "loss", "method", "autobalance", "selmix", "optim", "train", "dist",
+        "tracking",
     }  # fmt: skip
 
 

@@ -65,6 +65,14 @@ def load_init_weights(model: nn.Module, source: str | Path) -> dict[str, Any]:
     return {"init_from": str(ckpt), "epoch": epoch, "sha256": _sha256(ckpt)}
 
 
+def trained_on_val(checkpoint: str | Path) -> bool:
+    """Whether the weights in `checkpoint` (a file `load_init_weights` resolved) were trained on
+    the validation split too: a retrain phase (RUN/retrain) or a run with train.merge_val."""
+    phase = Path(checkpoint).parent.parent
+    train = _read_yaml(phase / "config.yaml").get("train")
+    return phase.name == "retrain" or (isinstance(train, dict) and bool(train.get("merge_val")))
+
+
 # --- resolving the source -----------------------------------------------------------------------
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from abdist import methods
 from abdist.config import Config
@@ -31,6 +30,7 @@ from abdist.config_checks import check_positive_class
 from abdist.data import build_augment, build_data
 from abdist.engine.checkpoint import CheckpointDir, rng_state, set_rng_state
 from abdist.engine.dist import init_dist, sync_batchnorm, wrap
+from abdist.engine.evaluation import BadSampleTally, evaluate
 from abdist.engine.init_from import load_init_weights
 from abdist.engine.optim import build_optimizer, lr_factor
 from abdist.engine.routing import loss_through
@@ -43,7 +43,6 @@ from abdist.methods.sample_weights import sample_weights_for
 from abdist.metrics import (
     GROUP_SCALAR_METRICS,
     class_metrics,
-    confusion_matrix,
     group_confusion_metrics,
 )
 from abdist.models import create_model
@@ -69,55 +68,6 @@ def _autocast(cfg: Config, device: torch.device):
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     # Batch order and augmentation depend on (seed, epoch) only: nothing to save for exact resume.
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    split,
-    *,
-    num_classes: int,
-    batch_size: int,
-    device,
-    autocast,
-    num_groups: int | None = None,
-):
-    """Confusion matrix of argmax(raw logits) over every sample of `split`, each counted once:
-    [C, C], or one per group, [G, C, C], with `num_groups` (the split must carry groups)."""
-    model.eval()
-    shape = (num_groups, num_classes, num_classes) if num_groups else (num_classes, num_classes)
-    conf = torch.zeros(shape, dtype=torch.long)  # a rank's slice may be empty
-    for batch in split.batches(batch_size, shuffle=False, with_groups=bool(num_groups)):
-        with autocast:
-            logits = model(batch[0].to(device))
-        groups = batch[2].cpu() if num_groups else None
-        conf += confusion_matrix(logits.argmax(1).cpu(), batch[1].cpu(), num_classes, groups,
-                                 num_groups)  # fmt: skip
-    return conf
-
-
-class BadSampleTally:
-    """Corrupt samples the streaming loaders skipped, per pass and over all ranks.
-
-    The loaders count every skip in this process (a sample once per pass); `since_last()` is the
-    all-ranks count since the previous call, so each epoch's figure covers that epoch's passes
-    only and a resumed run reports the same figures as an uninterrupted one. In-memory shards from
-    which samples were skipped have one too (each full pass adds its split's skips); digits and
-    undamaged shards have none, and the tally is then inactive.
-    """
-
-    def __init__(self, data, dist) -> None:
-        self.data, self.dist = data, dist
-        self.active = hasattr(data, "bad_sample_counts")
-        self.seen = 0
-
-    def since_last(self) -> dict[str, int]:
-        if not self.active:
-            return {}
-        local = torch.tensor(self.data.bad_sample_counts.get("total", 0))
-        total = int(self.dist.all_reduce_sum(local))
-        new, self.seen = total - self.seen, total
-        return {"bad_samples": new}
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -179,11 +129,14 @@ def train(
         drw_beta=lc.drw_beta,
     )
     augment = build_augment(cfg.data, data, cfg.train.seed)  # abdist/data/augment.py
-    ctx = SetupContext(cfg, data, model, spec, augment, device, dist, phase, inputs or {})
+    ctx = SetupContext(
+        cfg, data, model, spec, augment, device, dist, phase, inputs or {}, init or {}
+    )
     method = methods.get(cfg.method.name).build(ctx)
     augment = method.train_augment()
     table = getattr(augment, "table", None)  # the class-aware chain's per-class strengths
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    groups_of = getattr(method, "param_groups", None)  # e.g. SelMix: a smaller backbone lr
+    optimizer = build_optimizer(groups_of(model) if groups_of else model.parameters(), cfg.optim)
 
     B, accum = cfg.train.batch_size, cfg.train.grad_accum  # B is the global batch
     engine = wrap(model, optimizer, dist, cfg, micro_batch=dist.local_batch(B))
@@ -248,26 +201,38 @@ def train(
     weigh = sample_weights_for(method, cfg, data)  # loss.sample_weights: per-sample weights
     with_ids = "ids" in method.needs
     with_groups = "groups" in method.needs or (weigh is not None and weigh.needs_groups)
+    own_batches = getattr(method, "train_batches", None)
     step = start_epoch * steps_per_epoch
     if table is not None:  # batches are numbered from here (abdist/data/augment_table.py)
         table.publish(start_epoch * batches_per_epoch - 1)
+    val_conf = None  # the last epoch's validation confusion (a method's summary reads it)
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
         engine.model.train()
         method.on_epoch_start(epoch)
         gen = _epoch_generator(cfg.train.seed, epoch)
-        batches = data.train.batches(
-            B,
-            shuffle=True,
-            generator=gen,
-            drop_last=True,
-            augment=augment,
-            rank=dist.rank,  # this rank's slice of every global batch of B
-            world_size=dist.world_size,
-            with_groups=with_groups,  # per-cell loss parameters, group-balanced weights
-            with_ids=with_ids,
-            first_batch=epoch * batches_per_epoch,  # the chain's table version and generator
-        )
+        if own_batches is not None:  # the method draws its own (SelMix: by class)
+            batches = own_batches(
+                batch_size=B,
+                generator=gen,
+                augment=augment,
+                rank=dist.rank,
+                world_size=dist.world_size,
+                first_batch=epoch * batches_per_epoch,
+            )
+        else:
+            batches = data.train.batches(
+                B,
+                shuffle=True,
+                generator=gen,
+                drop_last=True,
+                augment=augment,
+                rank=dist.rank,  # this rank's slice of every global batch of B
+                world_size=dist.world_size,
+                with_groups=with_groups,  # per-cell loss parameters, group-balanced weights
+                with_ids=with_ids,
+                first_batch=epoch * batches_per_epoch,  # the chain's table version and generator
+            )
         total_loss, seen, hyper = 0.0, 0, {}
         engine.zero_grad()
         bar = progress(
@@ -277,11 +242,14 @@ def train(
             mode=cfg.tracking.progress if dist.is_main else "never",
         )
         for i, fields in enumerate(bar):
-            x, y, *rest = fields  # then ids, groups: what was asked for, in that order
-            ids = rest.pop(0) if with_ids else None
-            groups = rest.pop(0) if with_groups else None
-            weights = weigh(y, groups) if weigh is not None else None
-            batch = Batch(x, y, groups, ids, weights).to(device)
+            if isinstance(fields, Batch):  # from the method's own train_batches
+                batch = fields.to(device)
+            else:
+                x, y, *rest = fields  # then ids, groups: what was asked for, in that order
+                ids = rest.pop(0) if with_ids else None
+                groups = rest.pop(0) if with_groups else None
+                weights = weigh(y, groups) if weigh is not None else None
+                batch = Batch(x, y, groups, ids, weights).to(device)
             last_micro = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
             with engine.grad_sync(last_micro):
                 with autocast:
@@ -379,6 +347,9 @@ def train(
     )
     if init is not None:
         metrics["init_from"] = init  # which weights it started from (path, epoch, sha256)
+    summary = getattr(method, "summary", None)  # e.g. SelMix: its objective before and after
+    if summary is not None:
+        metrics.update(summary(val_conf, test_conf))
     if test_groups is not None:
         metrics.update({k: test_groups[k] for k in GROUP_SCALAR_METRICS})
         metrics["groups"] = {"positive_class": positive_class, **test_groups}

@@ -30,6 +30,16 @@ The loop (abdist/engine/trainer.py), per phase, calls in this order:
   through `torch.func.functional_call` if needed).
 - Phases: `spec.phases(cfg)` lists them; a phase with `inputs_from` gets that earlier phase's
   artifacts in `ctx.inputs` (AutoBalance's retrain reads the search's alpha.json).
+
+Optional members (the loop uses them when a method has them; SelMix does):
+- `param_groups(model) -> list[dict]`: the optimiser's parameter groups (e.g. a smaller lr for
+  the backbone); default: every parameter at `optim.lr`.
+- `train_batches(batch_size=, generator=, augment=, rank=, world_size=, first_batch=)`: the
+  epoch's training batches as `Batch`es of this rank, instead of the data's shuffled pass (e.g.
+  class-conditional draws); exactly `data.train.num_batches(batch_size, drop_last=True)` of
+  them, drawn lazily (a batch may depend on what `after_step` changed before it), a function of
+  the generator and the method's state so that resume stays exact.
+- `summary(val_confusion, test_confusion) -> dict`: entries added to metrics.json.
 """
 
 from __future__ import annotations
@@ -60,10 +70,14 @@ class Batch:
     groups: Tensor | None = None
     ids: Tensor | None = None
     weights: Tensor | None = None
+    # Pair batches of a mixup method's own `train_batches`: x is [b, 2, ...] and `mix` [b] the
+    # first sample's mixing weight.
+    mix: Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(*(move(t) for t in (self.x, self.y, self.groups, self.ids, self.weights)))
+        fields = (self.x, self.y, self.groups, self.ids, self.weights, self.mix)
+        return Batch(*(move(t) for t in fields))
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,9 @@ class SetupContext:
     comm: Any  # abdist.engine.dist.Dist: rank, world_size and the collectives
     phase: Phase = field(default_factory=lambda: Phase("train"))
     inputs: dict[str, Any] = field(default_factory=dict)  # artifacts of `phase.inputs_from`
+    # model.init_from: where the starting weights came from (abdist.engine.init_from's record:
+    # init_from = the checkpoint file, epoch, sha256); empty for a random initialisation.
+    init: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(Protocol):
