@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 
 from abdist.data.augment import split_augment
-from abdist.data.ffcv_parts import Part, PartStream, assemble, open_part
-from abdist.data.ffcv_pipeline import build_loader, cpu_count
+from abdist.data.ffcv_parts import LoaderSettings, Part, assemble, open_part, start_part
+from abdist.data.ffcv_pipeline import cpu_count
 from abdist.data.manifest import (
     image_settings,
     manifest_cell_counts,
@@ -121,6 +121,9 @@ class FFCVSplit:
         self.eval_transform = eval_transform
         self._channels, self._size = channels, int(size)
         self._mean, self._std = mean, std
+        self._settings = LoaderSettings(
+            channels, self._size, mean, std, eval_transform, num_workers, os_cache, batches_ahead
+        )
         self._num_classes = num_classes
         self._num_groups = manifest_num_groups(manifest)
         # "train+val": the parts end to end, the later parts' sample ids after the earlier ones'
@@ -284,6 +287,72 @@ class FFCVSplit:
             keep_last = batch_size - pad
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
+        yield from self._pass(
+            order,
+            batch_size,
+            n_batches,
+            keep_last,
+            seed,
+            rank,
+            world_size,
+            shuffle,
+            augment,
+            generator,
+            first_batch,
+            with_ids,
+            with_groups,
+        )
+
+    def gather(
+        self,
+        positions,
+        batch_size: int,
+        *,
+        augment: Callable | None = None,
+        generator: torch.Generator | None = None,
+        first_batch: int | None = None,
+        seed: int = 0,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(x, y)`` of the split's samples at ``positions`` (0 .. len-1, in that order, repeats
+        allowed), in batches of ``batch_size`` (the last may be short), through the training
+        pipeline: random access for a method that draws its own samples (SelMix, by class).
+        ``augment``, ``generator`` and ``first_batch`` as for a training pass of :meth:`batches`;
+        ``seed`` seeds the loader thread's augmentation. Served to this split's own rank."""
+        check_batch_size(batch_size)
+        order = np.asarray(positions, dtype=np.int64)
+        if len(order) == 0:
+            return
+        if order.min() < 0 or order.max() >= self._n:
+            raise UserError(
+                f"positions must lie in [0, {self._n}), got {order.min()}..{order.max()}"
+            )
+        n_batches = math.ceil(len(order) / batch_size)
+        pad = n_batches * batch_size - len(order)
+        order = np.concatenate([order, np.full(pad, order[-1], dtype=np.int64)])
+        yield from self._pass(
+            order,
+            batch_size,
+            n_batches,
+            batch_size - pad,
+            seed,
+            self.rank,
+            self.world_size,
+            True,
+            augment,
+            generator,
+            first_batch,
+            False,
+            False,
+        )
+
+    @property
+    def labels(self) -> Tensor:
+        """int64 [len]: every sample's label, by position in the split."""
+        return torch.cat([part.labels for part in self._parts])
+
+    def _pass(self, order, batch_size, n_batches, keep_last, seed, rank, world_size, shuffle,
+              augment, generator, first_batch, with_ids, with_groups):  # fmt: skip
+        """Run the FFCV passes of `order` (whole batches; the last keeps `keep_last`)."""
         chain, _, hook = split_augment(augment, self._num_classes)
         if not shuffle:
             chain = hook = None
@@ -295,8 +364,10 @@ class FFCVSplit:
         streams: list = []
         try:
             for p, part in enumerate(self._parts):
-                streams.append(self._start_part(
-                    p, part, order, shuffle, batch_size, seed, rank, world_size, chain, first_batch
+                streams.append(start_part(
+                    p, part, self._settings, order, train=shuffle, batch_size=batch_size,
+                    seed=seed, rank=rank, world_size=world_size, chain=chain,
+                    first_batch=first_batch, groups=self._num_groups is not None,
                 ))  # fmt: skip
             for k in range(n_batches):
                 parts = which[k * batch_size : (k + 1) * batch_size]
@@ -317,48 +388,6 @@ class FFCVSplit:
                 if stream is not None:
                     stream.close()
             torch.set_num_threads(threads)
-
-    def _start_part(self, p, part, order, train, batch_size, seed, rank, world_size, chain,
-                    first_batch):  # fmt: skip
-        """Start part ``p``'s FFCV pass over its positions of ``order`` (None if it has none)."""
-        start = part.id_offset
-        mine = order[(order >= start) & (order < start + part.n)] - start
-        if len(mine) == 0:
-            return None
-        # Whole batches only (FFCV's drop_last=False breaks on an odd last batch): pad with the
-        # last sample; the padding is never taken from the stream.
-        mine = np.concatenate([mine, np.full(-len(mine) % batch_size, mine[-1], dtype=np.int64)])
-        # One Loader per kind of pass, sized for the whole pass: a part's share varies by epoch.
-        loader, op = self._loader(part, train, batch_size, len(order))
-        loader.traversal_order.order = mine.astype(np.int64)
-        # The first part keeps the single-file pass's seed and stream (same pixels as before
-        # "train+val" existed); later parts draw from their own.
-        key = [seed, rank] if p == 0 else [seed, rank, p]
-        aug_seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
-        op.start_pass(aug_seed >> 1, chain=chain, first_batch=first_batch,
-                      stream=rank + p * world_size)  # fmt: skip
-        return PartStream(iter(loader), part, self._num_groups is not None)
-
-    def _loader(self, part: Part, train: bool, batch_size: int, length: int):
-        """Part's FFCV Loader for passes of this kind (one per kind: each compiles its pipeline)."""
-        key = (train, batch_size, length)
-        if key not in part.loaders:
-            part.loaders[key] = build_loader(
-                part.path,
-                labels=part.labels,
-                channels=self._channels,
-                size=None if part.fixed else self._size,
-                mean=self._mean,
-                std=self._std,
-                transform=None if train else self.eval_transform,
-                train=train,
-                batch_size=batch_size,
-                length=length,
-                num_workers=self.num_workers,
-                os_cache=self.os_cache,
-                batches_ahead=self.batches_ahead,
-            )
-        return part.loaders[key]
 
     def __repr__(self) -> str:
         return (

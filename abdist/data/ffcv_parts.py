@@ -11,6 +11,8 @@ batch, untouched.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from abdist.data.ffcv_files import FIELDS, require_ffcv
+from abdist.data.ffcv_pipeline import build_loader
 from abdist.data.manifest import manifest_num_groups
 from abdist.errors import UserError
 
@@ -36,6 +39,72 @@ class Part:
     groups: Tensor  # by the samples' index field (empty without groups)
     fixed: bool  # every image already has the output size
     loaders: dict[tuple, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What every Loader of a split is built with (abdist/data/ffcv_pipeline.py)."""
+
+    channels: int
+    size: int
+    mean: tuple
+    std: tuple
+    eval_transform: Callable | None
+    num_workers: int
+    os_cache: bool
+    batches_ahead: int
+
+
+def part_loader(part: Part, settings: LoaderSettings, train: bool, batch_size: int, length: int):
+    """Part's FFCV Loader for passes of this kind (one per kind: each compiles its pipeline)."""
+    key = (train, batch_size, length)
+    if key not in part.loaders:
+        part.loaders[key] = build_loader(
+            part.path,
+            labels=part.labels,
+            channels=settings.channels,
+            size=None if part.fixed else settings.size,
+            mean=settings.mean,
+            std=settings.std,
+            transform=None if train else settings.eval_transform,
+            train=train,
+            batch_size=batch_size,
+            length=length,
+            num_workers=settings.num_workers,
+            os_cache=settings.os_cache,
+            batches_ahead=settings.batches_ahead,
+        )
+    return part.loaders[key]
+
+
+def start_part(p, part, settings, order, *, train, batch_size, seed, rank, world_size, chain,
+               first_batch, groups) -> PartStream | None:  # fmt: skip
+    """Start part ``p``'s FFCV pass over its positions of ``order`` (None if it has none)."""
+    start = part.id_offset
+    mine = order[(order >= start) & (order < start + part.n)] - start
+    if len(mine) == 0:
+        return None
+    # Whole batches only (FFCV's drop_last=False breaks on an odd last batch): pad with the
+    # last sample; the padding is never taken from the stream.
+    mine = np.concatenate([mine, np.full(-len(mine) % batch_size, mine[-1], dtype=np.int64)])
+    # One Loader per kind of pass, sized for the whole pass (a part's share varies by epoch, a
+    # gather's length by call: rounded up to a power of two, so few loaders are built).
+    loader, op = part_loader(part, settings, train, batch_size, capacity(len(order), batch_size))
+    loader.traversal_order.order = mine.astype(np.int64)
+    # The first part keeps the single-file pass's seed and stream (same pixels as before
+    # "train+val" existed); later parts draw from their own.
+    key = [seed, rank] if p == 0 else [seed, rank, p]
+    aug_seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+    op.start_pass(aug_seed >> 1, chain=chain, first_batch=first_batch,
+                  stream=rank + p * world_size)  # fmt: skip
+    return PartStream(iter(loader), part, groups)
+
+
+def capacity(length: int, batch_size: int) -> int:
+    """The Loader length for a pass of `length` positions: whole batches, the number of batches
+    rounded up to a power of two (FFCV takes any shorter order; each length compiles a Loader)."""
+    batches = math.ceil(length / batch_size)
+    return batch_size * (1 << max(0, batches - 1).bit_length())
 
 
 def open_part(root: Path, manifest: dict, split: str, size: int, id_offset: int) -> Part:

@@ -20,8 +20,10 @@ batch from the epoch's generator (the same on every rank) and each rank takes it
 ranks x B/W see exactly the pairs one rank x B would. The step itself is a normal DDP/ZeRO step
 through the wrapper (features and head inside its forward).
 
-Draws are by class, so the training split must be in memory (digits, shards with
-data.in_memory=true); streamed shards are refused in one line.
+Draws are by class, so the training split needs random access: in memory (digits, shards with
+data.in_memory=true), or FFCV (each rank decodes its own pairs in one FFCV pass per batch, so
+there the augmentation, drawn per rank, depends on the number of ranks); streamed WebDataset
+shards are refused in one line.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ class SelMix:
                 "method.name=selmix mixes features before a linear head; set model.head=linear "
                 "(the model of model.init_from must have one too)"
             )
-        if not isinstance(data.train, TensorSplit):
+        self.random_access = isinstance(data.train, TensorSplit)
+        if not self.random_access and not hasattr(data.train, "gather"):
             raise UserError(
-                "method.name=selmix draws training samples by class, which needs the training "
-                "split in memory; set data.in_memory=true (streamed shards cannot be drawn from "
-                "by class)"
+                "method.name=selmix draws training samples by class, which needs random access: "
+                "set data.in_memory=true, or prepare the data with --format ffcv (streamed "
+                "WebDataset shards cannot be drawn from by class)"
             )
         if ctx.init and trained_on_val(ctx.init["init_from"]):
             raise UserError(
@@ -135,11 +138,20 @@ class SelMix:
             lam = self.sm.lambda_min + (1 - self.sm.lambda_min) * torch.rand(
                 batch_size, generator=generator, dtype=torch.float32
             )
-            x, y = split.images[rows], split.labels[rows]
-            if augment is not None:
-                x = augment(x, y, generator, None if first_batch is None else first_batch + k)
-            x = torch.stack([x[:batch_size], x[batch_size:]], 1)  # [B, 2, C, H, W]
-            yield Batch(x[lo:hi], y[:batch_size][lo:hi], mix=lam[lo:hi])
+            index = None if first_batch is None else first_batch + k
+            if self.random_access:  # in memory: the global batch, augmented whole, then sliced
+                x, y = split.images[rows], split.labels[rows]
+                if augment is not None:
+                    x = augment(x, y, generator, index)
+                x = torch.stack([x[:batch_size], x[batch_size:]], 1)  # [B, 2, C, H, W]
+                yield Batch(x[lo:hi], y[:batch_size][lo:hi], mix=lam[lo:hi])
+                continue
+            # FFCV: this rank's pairs only, decoded and augmented in one pass of 2b samples (the
+            # crop/flip draws 2b samples' worth from the generator on every rank alike).
+            mine = torch.cat([rows[:batch_size][lo:hi], rows[batch_size:][lo:hi]])
+            ((x, y),) = split.gather(mine.numpy(), 2 * b, augment=augment, generator=generator,
+                                     first_batch=index)  # fmt: skip
+            yield Batch(torch.stack([x[:b], x[b:]], 1), y[:b], mix=lam[lo:hi])
 
     def _draw(self, classes: Tensor, generator: torch.Generator) -> Tensor:
         """A training row of each given class, uniformly within the class."""
