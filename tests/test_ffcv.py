@@ -426,3 +426,30 @@ def test_a_jpeg_whose_pixels_do_not_decode_is_refused_or_skipped_never_used(tmp_
             with pytest.warns(UserWarning, match="skipped bad sample"):
                 n = sum(len(y) for _, y in test.batches(4, shuffle=False))
             assert n == 5 and test.bad_sample_counts["decode"] == 1
+
+
+@needs_ffcv
+def test_gather_serves_any_positions_in_order_through_the_training_pipeline(prepared):
+    """Random access (SelMix's class-conditional draws): the samples at the given positions,
+    repeats included, in that order, with their labels; without augmentation the pixels of an
+    evaluation pass; with it, a function of the generator."""
+    from abdist.data.augment import RandomCropFlip, TrainAugment
+    from abdist.data.ffcv_backend import FFCVSplit
+
+    split = FFCVSplit(prepared[0], "train", num_workers=1)
+    pixels = torch.cat([x for x, _ in split.batches(7, shuffle=False)])
+    positions = np.array([5, 0, 5, len(split) - 1, 2, 2, 9])
+    got = list(split.gather(positions, 3))
+    assert [len(y) for _, y in got] == [3, 3, 1]
+    x, y = torch.cat([b[0] for b in got]), torch.cat([b[1] for b in got])
+    assert torch.equal(y, split.labels[positions])
+    assert torch.equal(x, pixels[positions])
+    aug = TrainAugment(None, RandomCropFlip(2, flip=True), tuple(split.mean), tuple(split.std))
+    runs = [
+        torch.cat([b[0] for b in split.gather(positions, 4, augment=aug,
+                                              generator=torch.Generator().manual_seed(s))])
+        for s in (1, 1, 2)
+    ]  # fmt: skip
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    with pytest.raises(UserError, match="positions must lie in"):
+        list(split.gather([len(split)], 2))
