@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--model", default="resnet8")
     p.add_argument("--seeds", default="0")
     p.add_argument("--methods", default="ce,la,autobalance")
-    p.add_argument("--selmix-epochs", type=int, default=5, help="selmix_*: fine-tune epochs")
+    p.add_argument("--selmix-epochs", type=int, default=10, help="selmix_*: fine-tune epochs")
     p.add_argument("--quick", action="store_true", help="1 epoch, to check the pipeline")
     p.add_argument("--extra", nargs="*", default=[], help="more section.key=value overrides")
     p.add_argument("--tag", default="", help="suffix of the run directories (a variant's runs)")
