@@ -14,6 +14,7 @@ from abdist.methods.selmix_objectives import OBJECTIVES, Objective, recalls, tai
 
 K, d = 5, 4
 TAIL = tail_classes([50, 40, 30, 5, 3], 0.4)  # the two rarest: classes 3 and 4
+pytestmark = pytest.mark.numerics  # float comparisons of two computations, tolerances measured
 
 
 @pytest.fixture(autouse=True)
@@ -202,5 +203,11 @@ def test_pair_distribution_lives_on_positive_gains():
     assert P[0, 0] / P[1, 1] == pytest.approx(torch.exp(torch.tensor(2.0)).item())
     none = pair_distribution(-G.abs(), temperature=0.1)
     assert torch.equal(none, torch.full((2, 2), 0.25))
+    # Only allowed pairs (classes with training samples) carry mass, also in the fallback.
+    allowed = torch.tensor([[True, False], [True, True]])
+    P = pair_distribution(torch.tensor([[-1.0, 5.0], [0.2, -1.0]]), 0.1, allowed=allowed)
+    assert P[0, 1] == 0 and P[1, 0] == 1
+    none = pair_distribution(-G.abs(), 0.1, allowed=allowed)
+    assert none[0, 1] == 0 and torch.allclose(none[allowed], torch.full((3,), 1 / 3))
     for i, j in itertools.product(range(2), range(2)):
         assert P[i, j] >= 0

@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+SAFE_NORM = 1e-250  # a normaliser above this is a sum of normal float64 numbers (to ~1e-58)
+
 
 def logit_gradient(g: Tensor, C: Tensor) -> Tensor:
     """D[q, l] = dM/dA_ql through C_qj = pi_q softmax(A_q)_j, at the rows s = C / pi."""
@@ -64,8 +66,9 @@ def gains(
     The mixed logits are a sum of an i-part and a j-part, so the softmax's numerators factorise,
     exp(a_ijl) = alpha_il beta_jl, and every sum over l is a K x K matrix product
     (``factorised``: three K^3 products, no K^3 tensor). Each factor is shifted by its own row
-    maximum; a pair whose normaliser underflows even in float64 (logit margins beyond ~700) is
-    recomputed by the exact softmax, a chunk of rows at a time (at most ``chunk_elements``
+    maximum; a row with a pair whose normaliser comes near float64's underflow (logit margins
+    beyond ~575, where the factors turn subnormal and lose digits) is recomputed by the exact
+    softmax, a chunk of rows at a time (at most ``chunk_elements``
     elements of [rows, K, K] held at once), which is also the path with factorised=False.
     """
     dtype = Z.dtype
@@ -88,7 +91,8 @@ def gains(
         norm = alpha @ beta_.T
         pv = ((alpha * Ei) @ beta_.T + alpha @ (beta_ * Ej).T) / norm
         out = -(pv - label)
-        redo = ~(torch.isfinite(out).all(1) & (norm > 0).all(1))
+        # Near float64's underflow the factors are subnormal and lose digits: redo those rows.
+        redo = ~(torch.isfinite(out).all(1) & (norm > SAFE_NORM).all(1))
     rows = [int(r) for r in torch.nonzero(redo).flatten()]
     step = max(1, chunk_elements // (K * K))
     for a in range(0, len(rows), step):
@@ -119,11 +123,15 @@ def gains_k4(Z, W, b, D, *, lam_bar: float, published: bool = False) -> Tensor:
     return torch.einsum("ijql,ql->ij", lcr, D)
 
 
-def pair_distribution(G: Tensor, temperature: float) -> Tensor:
-    """P [K, K] = softmax(G / T) over the pairs with positive gain (0 elsewhere); uniform over
-    all pairs when no pair gains."""
-    positive = G > 0
+def pair_distribution(G: Tensor, temperature: float, allowed: Tensor | None = None) -> Tensor:
+    """P [K, K] = softmax(G / T) over the `allowed` pairs with positive gain (0 elsewhere);
+    uniform over the allowed pairs when none of them gains (`allowed`: bool [K, K], default all;
+    SelMix allows the pairs whose two classes have training samples to draw)."""
+    allowed = torch.ones_like(G, dtype=torch.bool) if allowed is None else allowed
+    if not bool(allowed.any()):
+        raise ValueError("no pair is allowed")
+    positive = (G > 0) & allowed
     if not bool(positive.any()):
-        return torch.full_like(G, 1.0 / G.numel())
+        return allowed.to(G.dtype) / allowed.sum()
     logits = torch.where(positive, G / temperature, torch.full_like(G, -torch.inf))
     return torch.softmax(logits.flatten(), 0).view_as(G)
