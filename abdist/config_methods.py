@@ -82,6 +82,9 @@ class SelMixConfig:
         50, lo=1, help="optimiser steps between refreshes of the prototypes, confusion and P"
     )
     temperature: float = opt(0.1, lo=0.0, lo_open=True, help="P = softmax(gain / T)")
+    relative_temperature: bool = opt(
+        False, help="T in units of the largest gain: P = softmax(gain / (T max gain))"
+    )
     lambda_min: float = opt(0.6, lo=0.0, hi=1.0, help="mixing weight lambda ~ U(lambda_min, 1)")
     min_sharpness: float = opt(
         50.0, lo=0.0, lo_open=True, help="min-type objectives: soft-min multipliers softmax(-eta r)"

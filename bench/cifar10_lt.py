@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/cifar10_lt.py [--epochs 30] [--model resnet8] [--seeds 0,1]
     .venv/bin/python bench/cifar10_lt.py --methods selmix_min_recall,selmix_gmean \
-        [--selmix-epochs 5]
+        [--selmix-epochs 10]
 
 Builds CIFAR10-LT from ../shared/data/cifar10-jpeg (the CIFAR-10 JPEGs; extracted once into
 --work), prepares shards with `abdist prepare` (exp profile, rho = 100, 80/20 long-tailed

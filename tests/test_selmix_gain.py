@@ -207,6 +207,10 @@ def test_pair_distribution_lives_on_positive_gains():
     allowed = torch.tensor([[True, False], [True, True]])
     P = pair_distribution(torch.tensor([[-1.0, 5.0], [0.2, -1.0]]), 0.1, allowed=allowed)
     assert P[0, 1] == 0 and P[1, 0] == 1
+    # relative: the same P for gains at any scale, softmax(G / (T max G)).
+    rel = pair_distribution(G, 0.1, relative=True)
+    torch.testing.assert_close(rel, pair_distribution(1000 * G, 0.1, relative=True))
+    torch.testing.assert_close(rel, pair_distribution(G, 0.1 * 0.3))  # max G = 0.3
     none = pair_distribution(-G.abs(), 0.1, allowed=allowed)
     assert none[0, 1] == 0 and torch.allclose(none[allowed], torch.full((3,), 1 / 3))
     for i, j in itertools.product(range(2), range(2)):

@@ -192,7 +192,9 @@ class SelMix:
         head = self.model.head
         D = logit_gradient(self.objective.grad(S), S)
         G = gains(proto, head.weight.double().cpu(), _bias(head), D, lam_bar=self._lam_bar())
-        P = pair_distribution(G, self.sm.temperature, allowed=self._drawable())
+        P = pair_distribution(
+            G, self.sm.temperature, allowed=self._drawable(), relative=self.sm.relative_temperature
+        )
         self.P = self._agree(P.to(torch.float64))
         top = torch.topk(self.P.flatten(), min(TOP_PAIRS, K * K))
         record = {

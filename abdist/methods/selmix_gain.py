@@ -123,15 +123,20 @@ def gains_k4(Z, W, b, D, *, lam_bar: float, published: bool = False) -> Tensor:
     return torch.einsum("ijql,ql->ij", lcr, D)
 
 
-def pair_distribution(G: Tensor, temperature: float, allowed: Tensor | None = None) -> Tensor:
+def pair_distribution(
+    G: Tensor, temperature: float, allowed: Tensor | None = None, relative: bool = False
+) -> Tensor:
     """P [K, K] = softmax(G / T) over the `allowed` pairs with positive gain (0 elsewhere);
     uniform over the allowed pairs when none of them gains (`allowed`: bool [K, K], default all;
-    SelMix allows the pairs whose two classes have training samples to draw)."""
+    SelMix allows the pairs whose two classes have training samples to draw). `relative`: T is
+    in units of the largest gain, softmax(G / (T max G)), so P does not depend on the gains'
+    scale (feature norms, the unit step) -- only on how they compare."""
     allowed = torch.ones_like(G, dtype=torch.bool) if allowed is None else allowed
     if not bool(allowed.any()):
         raise ValueError("no pair is allowed")
     positive = (G > 0) & allowed
     if not bool(positive.any()):
         return allowed.to(G.dtype) / allowed.sum()
-    logits = torch.where(positive, G / temperature, torch.full_like(G, -torch.inf))
+    scale = G[positive].max() if relative else 1.0
+    logits = torch.where(positive, G / (temperature * scale), torch.full_like(G, -torch.inf))
     return torch.softmax(logits.flatten(), 0).view_as(G)
