@@ -60,6 +60,18 @@ class AutoBalanceConfig:
     retrain: bool = opt(True, help="after the search, retrain on train+val with the found loss")
 
 
+# abdist/methods/selmix_objectives.py implements them (and imports this tuple).
+SELMIX_OBJECTIVES = (
+    "mean_recall",
+    "min_recall",
+    "gmean",
+    "hmean",
+    "min_head_tail_recall",
+    "mean_recall_coverage",
+    "hmean_coverage",
+)
+
+
 @dataclass
 class SelMixConfig:
     """`selmix.*` (method.name=selmix): selective mixup fine-tuning of `model.init_from`'s
@@ -67,15 +79,7 @@ class SelMixConfig:
 
     objective: str = opt(
         "min_recall",
-        choices=(
-            "mean_recall",
-            "min_recall",
-            "gmean",
-            "hmean",
-            "min_head_tail_recall",
-            "mean_recall_coverage",
-            "hmean_coverage",
-        ),
+        choices=SELMIX_OBJECTIVES,
         help="validation objective the fine-tune raises",
     )
     refresh_interval: int = opt(

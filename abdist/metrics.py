@@ -15,6 +15,8 @@ Conventions used throughout:
   classes have more than 100 TRAINING samples, few-shot fewer than 20, medium-shot the rest
   (20..100 inclusive). The thresholds are parameters; the bucket is decided by the class's training
   count, not by its count in the evaluated set.
+
+Fairness over groups (per-group confusions) is in abdist/group_metrics.py.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ import torch
 __all__ = [
     "ConfusionAccumulator",
     "class_metrics",
+    "as_index_tensor",
     "confusion_matrix",
-    "group_confusion_metrics",
-    "group_metrics",
 ]
 
 
@@ -54,7 +55,7 @@ GROUP_SCALAR_METRICS = (
 )
 
 
-def _as_index_tensor(x: Any, what: str) -> torch.Tensor:
+def as_index_tensor(x: Any, what: str) -> torch.Tensor:
     """`x` as a flat int64 tensor; rejects floats so logits are never silently truncated."""
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
     if t.is_floating_point() or t.is_complex():
@@ -99,8 +100,8 @@ def confusion_matrix(
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    p = _as_index_tensor(preds, "preds")
-    y = _as_index_tensor(labels, "labels")
+    p = as_index_tensor(preds, "preds")
+    y = as_index_tensor(labels, "labels")
     if p.numel() != y.numel():
         raise ValueError(f"preds has {p.numel()} elements but labels has {y.numel()}")
     p = p.to(y.device)
@@ -110,7 +111,7 @@ def confusion_matrix(
     _check_range(p, num_classes, "preds")
     cell = y
     if groups is not None:
-        g = _as_index_tensor(groups, "groups").to(y.device)
+        g = as_index_tensor(groups, "groups").to(y.device)
         if g.numel() != y.numel() or num_groups is None:
             raise ValueError("groups needs num_groups and one id per label")
         _check_range(g, num_groups, "groups")
@@ -241,107 +242,6 @@ def class_metrics(
         out["medium_shot_accuracy"] = _mean_or_none(medium)
         out["few_shot_accuracy"] = _mean_or_none(few)
     return out
-
-
-def _gap(values: dict[int, float | None]) -> float | None:
-    """max - min over the defined values; None when no group defines the rate."""
-    defined = [v for v in values.values() if v is not None]
-    return (max(defined) - min(defined)) if defined else None
-
-
-def group_metrics(preds: Any, labels: Any, groups: Any, positive_class: int = 1) -> dict[str, Any]:
-    """Per-group accuracy and fairness gaps.
-
-    Groups are the distinct values in `groups`; a group with no samples simply does not appear.
-    The positive class is treated one-vs-rest, so this also works for multi-class labels.
-
-    Args:
-        preds: predicted class indices (integers, any shape; flattened).
-        labels: true class indices, same number of elements.
-        groups: integer group id per sample (e.g. a sensitive attribute), same number of elements.
-        positive_class: the class whose TPR / FPR / positive rate the fairness gaps compare.
-
-    Returns:
-        A JSON-serialisable dict (group ids are int keys):
-
-        - `group_size`, `group_accuracy`: {group: value}
-        - `worst_group_accuracy`: min group accuracy
-        - `group_tpr`: {group: P(pred=pos | label=pos, group)}, `None` if the group has no positives
-        - `group_fpr`: {group: P(pred=pos | label!=pos, group)}, `None` if it has no negatives
-        - `group_positive_rate`: {group: P(pred=pos | group)}
-        - `equal_opportunity_gap`: max - min TPR over groups where TPR is defined
-        - `demographic_parity_gap`: max - min positive rate over groups
-        - `equalized_odds_gap`: max(TPR gap, FPR gap)
-
-        Gaps are `None` when no group defines the rate (with one group they are 0.0).
-
-    Raises:
-        ValueError: on non-integer inputs, mismatched sizes, or an empty input.
-    """
-    p = _as_index_tensor(preds, "preds").cpu()
-    y = _as_index_tensor(labels, "labels").cpu()
-    g = _as_index_tensor(groups, "groups").cpu()
-    if not (p.numel() == y.numel() == g.numel()):
-        raise ValueError(
-            f"preds, labels and groups must have the same number of elements, got "
-            f"{p.numel()}, {y.numel()}, {g.numel()}"
-        )
-    if p.numel() == 0:
-        raise ValueError("group_metrics needs at least one sample")
-
-    num_classes = int(max(int(p.max()), int(y.max()), positive_class)) + 1
-    ids, cell = torch.unique(g, return_inverse=True)  # any integer ids -> 0..G-1
-    confusions = confusion_matrix(p, y, num_classes, groups=cell, num_groups=len(ids))
-    return group_confusion_metrics(confusions, positive_class, group_ids=ids.tolist())
-
-
-def group_confusion_metrics(
-    confusions: Any, positive_class: int = 1, group_ids: Sequence[int] | None = None
-) -> dict[str, Any]:
-    """`group_metrics` from one [C, C] confusion matrix per group ([G, C, C] integer counts,
-    summable over batches and processes); group g is reported as ``group_ids[g]`` (default g).
-    Groups without samples do not appear."""
-    conf = torch.as_tensor(confusions).long().cpu()
-    if conf.dim() != 3 or conf.shape[1] != conf.shape[2]:
-        raise ValueError(f"confusions must be [G, C, C], got {list(conf.shape)}")
-    if not 0 <= positive_class < conf.shape[1]:
-        raise ValueError(f"positive_class {positive_class} outside [0, {conf.shape[1]})")
-    ids = list(range(len(conf))) if group_ids is None else [int(i) for i in group_ids]
-    size: dict[int, int] = {}
-    acc: dict[int, float] = {}
-    tpr: dict[int, float | None] = {}
-    fpr: dict[int, float | None] = {}
-    pos_rate: dict[int, float] = {}
-    for gid, c in zip(ids, conf, strict=True):
-        n = int(c.sum())
-        if n == 0:
-            continue
-        n_pos = int(c[positive_class].sum())  # rows: true class
-        n_neg = n - n_pos
-        tp = int(c[positive_class, positive_class])
-        pred_pos = int(c[:, positive_class].sum())
-        size[gid] = n
-        acc[gid] = int(c.trace()) / n
-        pos_rate[gid] = pred_pos / n
-        tpr[gid] = tp / n_pos if n_pos else None
-        fpr[gid] = (pred_pos - tp) / n_neg if n_neg else None
-    if not size:
-        raise ValueError("group_confusion_metrics needs at least one sample")
-
-    eo_gap = _gap(tpr)
-    fpr_gap = _gap(fpr)
-    odds = [v for v in (eo_gap, fpr_gap) if v is not None]
-    return {
-        "group_size": size,
-        "group_accuracy": acc,
-        "worst_group_accuracy": min(acc.values()),
-        "group_tpr": tpr,
-        "group_fpr": fpr,
-        "group_positive_rate": pos_rate,
-        "equal_opportunity_gap": eo_gap,
-        "demographic_parity_gap": _gap(pos_rate),
-        "equalized_odds_gap": max(odds) if odds else None,
-    }
 
 
 class ConfusionAccumulator:

@@ -75,6 +75,13 @@ def _read(path):
     return json.loads(Path(path).read_text())
 
 
+def _wait_for_checkpoint(proc, phase_dir, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not (phase_dir / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "ended before a checkpoint"
+        time.sleep(0.01)
+
+
 def _same_files(a, b, names=("metrics.json", "alpha.json", "search/alpha.json")):
     for name in names:
         assert (Path(a) / name).read_bytes() == (Path(b) / name).read_bytes(), name
@@ -471,10 +478,7 @@ def test_sigkill_of_a_two_rank_job_then_the_same_command_is_bitwise_identical(dd
     ref, _ = ddp_run
     out = tmp_path / "killed"
     proc = torchrun(out, *DDP, popen=True)
-    deadline = time.monotonic() + 180
-    while not (out / "search" / "checkpoints" / "latest").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "ended before a checkpoint"
-        time.sleep(0.01)
+    _wait_for_checkpoint(proc, out / "search")
     kill_job(proc)  # torchrun, both workers and their loader workers, no cleanup
     assert not (out / "metrics.json").exists(), "killed too late: the run had finished"
     r = _ok(torchrun(out, *DDP))
@@ -490,10 +494,7 @@ def test_workers_stop_when_torchrun_alone_is_sigkilled_and_the_same_command_resu
     ref, _ = ddp_run
     out = tmp_path / "orphaned"
     proc = torchrun(out, *DDP, popen=True)
-    deadline = time.monotonic() + 180
-    while not (out / "search" / "checkpoints" / "latest").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "ended before a checkpoint"
-        time.sleep(0.01)
+    _wait_for_checkpoint(proc, out / "search")
     workers = process_tree(proc.pid)[1:]
     assert len(workers) >= 2, workers
     proc.kill()  # the launcher only

@@ -1,9 +1,9 @@
-"""Domain fairness figures by hand on tiny confusion matrices (abdist/domain_metrics.py)."""
+"""Domain fairness figures by hand on tiny confusion matrices (abdist/group_metrics.py)."""
 
 import pytest
 import torch
 
-from abdist.domain_metrics import domain_metrics
+from abdist.group_metrics import domain_metrics
 
 
 def test_two_domains_by_hand():

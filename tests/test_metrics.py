@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from abdist.metrics import ConfusionAccumulator, class_metrics, confusion_matrix, group_metrics
+from abdist.group_metrics import group_metrics
+from abdist.metrics import ConfusionAccumulator, class_metrics, confusion_matrix
 
 # 4 classes; class 3 never occurs as a label (absent from the evaluated set) but is predicted once.
 #   class 0: labels 0,0,0,0 -> preds 0,0,0,1   recall 3/4

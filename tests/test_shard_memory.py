@@ -39,7 +39,7 @@ def test_group_shards_tune_autobalance_for_equal_opportunity_and_report_group_me
 
     from abdist.engine.trainer import evaluate
     from abdist.errors import UserError
-    from abdist.metrics import group_confusion_metrics, group_metrics
+    from abdist.group_metrics import group_confusion_metrics, group_metrics
     from abdist.models import create_model
 
     csv = tmp_path / "groups.csv"

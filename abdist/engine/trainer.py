@@ -36,15 +36,12 @@ from abdist.engine.optim import build_optimizer, lr_factor
 from abdist.engine.routing import loss_through
 from abdist.engine.rundir import check_out_dir, check_resumable, resume_state
 from abdist.errors import UserError
+from abdist.group_metrics import group_confusion_metrics
 from abdist.io import write_json, write_text
 from abdist.losses import build_loss_spec
 from abdist.methods import Batch, Phase, SetupContext
 from abdist.methods.sample_weights import sample_weights_for
-from abdist.metrics import (
-    GROUP_SCALAR_METRICS,
-    class_metrics,
-    group_confusion_metrics,
-)
+from abdist.metrics import GROUP_SCALAR_METRICS, class_metrics
 from abdist.models import create_model
 from abdist.tracking import JsonlLogger, progress
 from abdist.wandb_tracking import make_tracker

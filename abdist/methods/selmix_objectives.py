@@ -31,17 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from abdist.config_methods import SELMIX_OBJECTIVES
 from abdist.errors import UserError
 
-OBJECTIVES = (
-    "mean_recall",
-    "min_recall",
-    "gmean",
-    "hmean",
-    "min_head_tail_recall",
-    "mean_recall_coverage",
-    "hmean_coverage",
-)
+OBJECTIVES = SELMIX_OBJECTIVES  # the names `selmix.objective` accepts
 
 
 def tail_classes(class_counts: Sequence[int], tail_fraction: float) -> Tensor:
